@@ -100,7 +100,9 @@ def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
         raise InvalidRequestError(f"at most {MAX_TAGS} tags, got {len(tags)}")
     for key, value in tags.items():
         if not TAG_KEY_PATTERN.fullmatch(key):
-            raise InvalidRequestError(f"tag key must be 1-64 characters of [A-Za-z0-9_.:-]: {key!r}")
+            raise InvalidRequestError(
+                f"tag key must be 1-64 characters of [A-Za-z0-9_.:-]: {key!r}"
+            )
         if len(value) > MAX_TAG_VALUE_CHARS:
             raise InvalidRequestError(f"tag {key!r}: value over {MAX_TAG_VALUE_CHARS} characters")
     return dict(tags)
@@ -156,10 +158,14 @@ def parse_update_request(raw: str | bytes, limits: ShadowLimits) -> UpdateReques
         raise InvalidRequestError("update request needs a 'state' object")
     unknown = set(state) - set(SECTIONS)
     if unknown:
-        raise InvalidRequestError(f"state may hold only desired and reported, not {sorted(unknown)}")
+        raise InvalidRequestError(
+            f"state may hold only desired and reported, not {sorted(unknown)}"
+        )
     if not state:
         raise InvalidRequestError("state must contain desired or reported")
-    sections = {name: _check_section(name, state[name], limits) for name in SECTIONS if name in state}
+    sections = {
+        name: _check_section(name, state[name], limits) for name in SECTIONS if name in state
+    }
     version = doc.get("version")
     if version is not None and (
         not isinstance(version, int) or isinstance(version, bool) or version < 0
@@ -200,9 +206,7 @@ def json_equal(a: Any, b: Any) -> bool:
             and all(json_equal(v, b[k]) for k, v in a.items())
         )
     if isinstance(a, list):
-        return (
-            isinstance(b, list) and len(a) == len(b) and all(map(json_equal, a, b))
-        )
+        return isinstance(b, list) and len(a) == len(b) and all(map(json_equal, a, b))
     return type(a) is type(b) and a == b
 
 
@@ -422,4 +426,3 @@ def rejected_message(code: int, message: str, client_token: str | None, now: flo
 def dumps(value: Any) -> str:
     """Compact JSON as every message and stored document is written."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-

@@ -1,0 +1,1 @@
+"""Pieces every service shares: settings parsing, database engines and migrations, gRPC wiring."""

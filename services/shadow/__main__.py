@@ -1,0 +1,3 @@
+from services.shadow.server import main
+
+main()

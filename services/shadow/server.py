@@ -1,0 +1,53 @@
+"""Wiring of the shadow service process: settings -> engine -> store -> service -> gRPC server."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from protos.shadow.v1 import shadow_pb2, shadow_pb2_grpc
+from services.common import db
+from services.common.grpc_server import (
+    add_health_and_reflection,
+    bind,
+    new_server,
+    run_until_signalled,
+)
+from services.shadow.service import ShadowService
+from services.shadow.servicer import ShadowServicer
+from services.shadow.settings import ShadowSettings
+from services.shadow.store import ShadowStore
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICE_NAME = shadow_pb2.DESCRIPTOR.services_by_name["ShadowService"].full_name
+
+log = logging.getLogger(__name__)
+
+
+def build_service(settings: ShadowSettings, migrate: bool = True) -> ShadowService:
+    engine = db.make_engine(settings.database_url, settings.db_pool_size)
+    if migrate:
+        db.run_migrations(engine, MIGRATIONS, "alembic_version_shadow")
+    return ShadowService(ShadowStore(engine), settings.limits, settings.max_batch_items)
+
+
+def create_server(settings: ShadowSettings, service: ShadowService) -> tuple[grpc.Server, int]:
+    """A ready-to-start server bound to `settings.listen` (port 0 picks a free port)."""
+    server = new_server(settings.workers)
+    shadow_pb2_grpc.add_ShadowServiceServicer_to_server(ShadowServicer(service), server)
+    add_health_and_reflection(server, [SERVICE_NAME])
+    return server, bind(server, settings.listen)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = ShadowSettings.from_env()
+    server, port = create_server(settings, build_service(settings))
+    log.info("shadow service listening on port %d (database %s)", port, settings.database_url)
+    run_until_signalled(server)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The shadow service's use cases, free of any transport: validate, then store + rules.
+
+Every input is parsed and bounded before a transaction starts, so a rejected request changes
+nothing. The gRPC servicer (and anything else that serves these use cases) only translates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.shadow import credentials, domain
+from services.shadow.domain import JsonObject, ShadowLimits, ShadowState, UpdateResult
+from services.shadow.errors import (
+    DocumentTooLargeError,
+    InvalidRequestError,
+    ShadowError,
+    ShadowNotFoundError,
+    VersionConflictError,
+)
+from services.shadow.fleet_filter import Comparison, FleetFilter, parse_filter
+from services.shadow.store import DeviceRecord, ShadowStore
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class DesiredItem:
+    """One item of a batch desired update, as received (the patch is still JSON text)."""
+
+    device_id: str
+    desired_json: str
+    expected_version: int | None = None
+    client_token: str | None = None
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    device_id: str
+    status: str  # OK, NOT_FOUND, VERSION_CONFLICT, INVALID, TOO_LARGE
+    version: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Page:
+    devices: list[DeviceRecord]
+    next_page_token: str
+    total_count: int | None = None
+
+
+def encode_page_token(last_device_id: str) -> str:
+    return base64.urlsafe_b64encode(last_device_id.encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return domain.validate_device_id(base64.urlsafe_b64decode(token.encode()).decode())
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequestError("page_token is not one this service issued") from None
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidRequestError("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+class ShadowService:
+    def __init__(
+        self,
+        store: ShadowStore,
+        limits: ShadowLimits | None = None,
+        max_batch_items: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.limits = limits or ShadowLimits()
+        self.max_batch_items = max_batch_items
+        self.clock = clock
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def register_device(self, device_id: str, tags: Mapping[str, str]) -> tuple[DeviceRecord, str]:
+        """Register a device; returns it with its MQTT password, which is never stored."""
+        domain.validate_device_id(device_id)
+        tags = domain.validate_tags(tags)
+        password = credentials.new_password()
+        record = self.store.register_device(
+            device_id, tags, credentials.hash_password(password), int(self.clock() * 1000)
+        )
+        return record, password
+
+    def get_device(self, device_id: str) -> DeviceRecord:
+        return self.store.get_device(domain.validate_device_id(device_id))
+
+    def delete_device(self, device_id: str) -> None:
+        self.store.delete_device(domain.validate_device_id(device_id))
+
+    def verify_device_credentials(self, device_id: str, password: str) -> bool:
+        try:
+            domain.validate_device_id(device_id)
+        except InvalidRequestError:
+            return False
+        stored = self.store.credential_hash(device_id)
+        return stored is not None and credentials.verify_password(password, stored)
+
+    def list_devices(self, tags: Mapping[str, str], page_size: int, page_token: str) -> Page:
+        tags = domain.validate_tags(tags)
+        fleet_filter = FleetFilter(
+            tuple(Comparison("tags", (key,), "==", value) for key, value in tags.items())
+        )
+        return self._page(fleet_filter, page_size, page_token, count=False)
+
+    def query_fleet(self, filter_text: str, page_size: int, page_token: str, count: bool) -> Page:
+        return self._page(parse_filter(filter_text), page_size, page_token, count)
+
+    def _page(self, fleet_filter: FleetFilter, page_size: int, token: str, count: bool) -> Page:
+        size = _page_size(page_size)
+        after = decode_page_token(token)
+        found = self.store.query_devices(fleet_filter, after, size + 1)
+        next_token = encode_page_token(found[size - 1].device_id) if len(found) > size else ""
+        total = self.store.count_devices(fleet_filter) if count else None
+        return Page(found[:size], next_token, total)
+
+    # --- shadows ------------------------------------------------------------------------------
+
+    def get_shadow(self, device_id: str) -> tuple[ShadowState, JsonObject]:
+        state = self.store.get_shadow(domain.validate_device_id(device_id))
+        if not state.exists:
+            raise ShadowNotFoundError(f"device {device_id!r} has no shadow")
+        return state, domain.shadow_document(state, self.clock())
+
+    def update_shadow(self, device_id: str, request_json: str | bytes) -> UpdateResult:
+        domain.validate_device_id(device_id)
+        request = domain.parse_update_request(request_json, self.limits)
+
+        def change(state: ShadowState) -> tuple[ShadowState, UpdateResult]:
+            result = domain.apply_update(state, request, self.clock(), self.limits)
+            return result.current, result
+
+        return self.store.modify_shadow(device_id, change)
+
+    def delete_shadow(self, device_id: str, expected_version: int | None) -> int:
+        domain.validate_device_id(device_id)
+
+        def change(state: ShadowState) -> tuple[ShadowState, int]:
+            if not state.exists:
+                raise ShadowNotFoundError(f"device {device_id!r} has no shadow")
+            return domain.delete_shadow(state, expected_version), state.version
+
+        return self.store.modify_shadow(device_id, change)
+
+    def batch_update_desired(self, items: Sequence[DesiredItem]) -> list[ItemResult]:
+        """Merge each item's desired patch into its device's shadow, all in one transaction.
+
+        Items are independent: a bad or conflicting item gets its own result and the others
+        still apply. Several items for one device apply in request order.
+        """
+        if len(items) > self.max_batch_items:
+            raise InvalidRequestError(
+                f"a batch holds at most {self.max_batch_items} items, got {len(items)}"
+            )
+        results: list[ItemResult | None] = [None] * len(items)
+        requests: dict[str, list[tuple[int, domain.UpdateRequest]]] = {}
+        for index, item in enumerate(items):
+            try:
+                domain.validate_device_id(item.device_id)
+                patch = domain.parse_desired_patch(item.desired_json, self.limits)
+                token = domain.parse_client_token(item.client_token or None, self.limits)
+            except ShadowError as exc:
+                results[index] = _failure(item.device_id, exc)
+                continue
+            request = domain.UpdateRequest({"desired": patch}, item.expected_version, token)
+            requests.setdefault(item.device_id, []).append((index, request))
+        now = self.clock()
+
+        def change(device_id: str, state: ShadowState) -> ShadowState | None:
+            changed = False
+            for index, request in requests[device_id]:
+                try:
+                    state = domain.apply_update(state, request, now, self.limits).current
+                except ShadowError as exc:
+                    results[index] = _failure(device_id, exc)
+                    continue
+                results[index] = ItemResult(device_id, "OK", state.version)
+                changed = True
+            return state if changed else None
+
+        found = self.store.modify_shadows(requests, change)
+        for device_id in requests.keys() - found:
+            for index, _ in requests[device_id]:
+                results[index] = ItemResult(device_id, "NOT_FOUND", 0, f"no device {device_id!r}")
+        return [result for result in results if result is not None]
+
+
+def _failure(device_id: str, exc: ShadowError) -> ItemResult:
+    if isinstance(exc, VersionConflictError):
+        return ItemResult(device_id, "VERSION_CONFLICT", exc.current_version, str(exc))
+    status = "TOO_LARGE" if isinstance(exc, DocumentTooLargeError) else "INVALID"
+    return ItemResult(device_id, status, 0, str(exc))

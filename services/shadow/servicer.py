@@ -1,0 +1,189 @@
+"""gRPC adapter of the shadow service: proto messages in, `ShadowService` calls, protos out.
+
+`STATUS_CODES` is the one place where shadow errors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from protos.shadow.v1 import shadow_pb2 as pb
+from protos.shadow.v1 import shadow_pb2_grpc as pb_grpc
+from services.shadow import domain
+from services.shadow.errors import (
+    DeviceExistsError,
+    DeviceNotFoundError,
+    DocumentTooLargeError,
+    InvalidRequestError,
+    RateLimitedError,
+    ShadowError,
+    ShadowNotFoundError,
+    VersionConflictError,
+)
+from services.shadow.service import DesiredItem, Page, ShadowService
+from services.shadow.store import DeviceRecord
+
+STATUS_CODES: dict[type[ShadowError], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    DeviceNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ShadowNotFoundError: grpc.StatusCode.NOT_FOUND,
+    DeviceExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    # A stale version in a read-modify-write: ABORTED, as Google's API guidance has it.
+    VersionConflictError: grpc.StatusCode.ABORTED,
+    DocumentTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+BATCH_STATUS = {
+    "OK": pb.BatchItemResult.OK,
+    "NOT_FOUND": pb.BatchItemResult.NOT_FOUND,
+    "VERSION_CONFLICT": pb.BatchItemResult.VERSION_CONFLICT,
+    "INVALID": pb.BatchItemResult.INVALID,
+    "TOO_LARGE": pb.BatchItemResult.TOO_LARGE,
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(exc: ShadowError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def translate_errors(method: F) -> F:
+    """Turn an expected `ShadowError` into its status code, with the error's message."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ShadowError as exc:
+            metadata = [("ota-code", str(exc.code))]
+            if isinstance(exc, VersionConflictError):
+                metadata.append(("ota-current-version", str(exc.current_version)))
+            context.set_trailing_metadata(tuple(metadata))
+            context.abort(status_for(exc), str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def device_to_proto(record: DeviceRecord) -> pb.Device:
+    return pb.Device(
+        device_id=record.device_id,
+        tags=record.tags,
+        created_at_ms=record.created_at_ms,
+        shadow_version=record.shadow_version,
+    )
+
+
+def _page_to_proto(page: Page) -> tuple[list[pb.Device], str]:
+    return [device_to_proto(d) for d in page.devices], page.next_page_token
+
+
+class ShadowServicer(pb_grpc.ShadowServiceServicer):
+    def __init__(self, service: ShadowService) -> None:
+        self.service = service
+
+    @translate_errors
+    def RegisterDevice(
+        self, request: pb.RegisterDeviceRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterDeviceResponse:
+        record, password = self.service.register_device(request.device_id, dict(request.tags))
+        return pb.RegisterDeviceResponse(
+            device=device_to_proto(record),
+            credentials=pb.MqttCredentials(username=record.device_id, password=password),
+        )
+
+    @translate_errors
+    def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.ServicerContext) -> pb.Device:
+        return device_to_proto(self.service.get_device(request.device_id))
+
+    @translate_errors
+    def ListDevices(
+        self, request: pb.ListDevicesRequest, context: grpc.ServicerContext
+    ) -> pb.ListDevicesResponse:
+        page = self.service.list_devices(dict(request.tags), request.page_size, request.page_token)
+        devices, token = _page_to_proto(page)
+        return pb.ListDevicesResponse(devices=devices, next_page_token=token)
+
+    @translate_errors
+    def DeleteDevice(
+        self, request: pb.DeleteDeviceRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteDeviceResponse:
+        self.service.delete_device(request.device_id)
+        return pb.DeleteDeviceResponse()
+
+    @translate_errors
+    def GetShadow(self, request: pb.GetShadowRequest, context: grpc.ServicerContext) -> pb.Shadow:
+        state, document = self.service.get_shadow(request.device_id)
+        return pb.Shadow(
+            device_id=request.device_id, version=state.version, document_json=domain.dumps(document)
+        )
+
+    @translate_errors
+    def UpdateShadow(
+        self, request: pb.UpdateShadowRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateShadowResponse:
+        result = self.service.update_shadow(request.device_id, request.request_json)
+        return pb.UpdateShadowResponse(
+            version=result.current.version,
+            accepted_json=domain.dumps(result.accepted),
+            document_json=domain.dumps(
+                domain.shadow_document(result.current, result.timestamp, result.client_token)
+            ),
+            delta_json=domain.dumps(result.delta),
+        )
+
+    @translate_errors
+    def DeleteShadow(
+        self, request: pb.DeleteShadowRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteShadowResponse:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        version = self.service.delete_shadow(request.device_id, expected)
+        return pb.DeleteShadowResponse(version=version)
+
+    @translate_errors
+    def BatchUpdateDesired(
+        self, request: pb.BatchUpdateDesiredRequest, context: grpc.ServicerContext
+    ) -> pb.BatchUpdateDesiredResponse:
+        items = [
+            DesiredItem(
+                device_id=item.device_id,
+                desired_json=item.desired_json,
+                expected_version=(
+                    item.expected_version if item.HasField("expected_version") else None
+                ),
+                client_token=item.client_token or None,
+            )
+            for item in request.items
+        ]
+        results = self.service.batch_update_desired(items)
+        return pb.BatchUpdateDesiredResponse(
+            results=[
+                pb.BatchItemResult(
+                    device_id=r.device_id,
+                    status=BATCH_STATUS[r.status],
+                    version=r.version,
+                    message=r.message,
+                )
+                for r in results
+            ]
+        )
+
+    @translate_errors
+    def QueryFleet(
+        self, request: pb.QueryFleetRequest, context: grpc.ServicerContext
+    ) -> pb.QueryFleetResponse:
+        page = self.service.query_fleet(
+            request.filter, request.page_size, request.page_token, request.count
+        )
+        devices, token = _page_to_proto(page)
+        return pb.QueryFleetResponse(
+            devices=devices, next_page_token=token, total_count=page.total_count or 0
+        )

@@ -1,0 +1,302 @@
+"""Persistence of devices and shadows (SQLAlchemy Core over PostgreSQL or SQLite).
+
+The store knows rows and transactions, not shadow rules: a read-modify-write takes a callback
+(a pure rule from `domain`) and runs it under a row lock, so concurrent updates never lose one.
+Many devices are read with one SELECT and written with one statement: on PostgreSQL a COPY into
+a temporary table and one UPDATE ... FROM; elsewhere one executemany.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    cast,
+    false,
+    func,
+    literal,
+    not_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy import Text as SqlText
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.exc import IntegrityError
+
+from services.shadow.domain import ShadowState, dumps
+from services.shadow.errors import DeviceExistsError, DeviceNotFoundError
+from services.shadow.fleet_filter import Comparison, FleetFilter
+from services.shadow.schema import devices
+
+T = TypeVar("T")
+
+_SHADOW_COLUMNS = (
+    devices.c.device_id,
+    devices.c.desired,
+    devices.c.reported,
+    devices.c.shadow_metadata,
+    devices.c.version,
+    devices.c.has_shadow,
+)
+_DEVICE_COLUMNS = (
+    devices.c.device_id,
+    devices.c.tags,
+    devices.c.created_at_ms,
+    devices.c.version,
+)
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    tags: dict[str, str]
+    created_at_ms: int
+    shadow_version: int
+
+
+def _state(row: Any) -> ShadowState:
+    return ShadowState(
+        desired=row.desired,
+        reported=row.reported,
+        metadata=row.shadow_metadata,
+        version=row.version,
+        exists=row.has_shadow,
+    )
+
+
+def _record(row: Any) -> DeviceRecord:
+    return DeviceRecord(row.device_id, dict(row.tags), row.created_at_ms, row.version)
+
+
+class ShadowStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def register_device(
+        self, device_id: str, tags: Mapping[str, str], credential_hash: str, now_ms: int
+    ) -> DeviceRecord:
+        row = {
+            "device_id": device_id,
+            "credential_hash": credential_hash,
+            "tags": dict(tags),
+            "created_at_ms": now_ms,
+            "desired": {},
+            "reported": {},
+            "shadow_metadata": {},
+            "version": 0,
+            "has_shadow": False,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(devices.insert(), row)
+        except IntegrityError:
+            raise DeviceExistsError(f"device {device_id!r} is already registered") from None
+        return DeviceRecord(device_id, dict(tags), now_ms, 0)
+
+    def get_device(self, device_id: str) -> DeviceRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(*_DEVICE_COLUMNS).where(devices.c.device_id == device_id)
+            ).first()
+        if row is None:
+            raise DeviceNotFoundError(f"no device {device_id!r}")
+        return _record(row)
+
+    def credential_hash(self, device_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(devices.c.credential_hash).where(devices.c.device_id == device_id)
+            ).scalar()
+
+    def delete_device(self, device_id: str) -> None:
+        with self.engine.begin() as conn:
+            deleted = conn.execute(devices.delete().where(devices.c.device_id == device_id))
+        if deleted.rowcount == 0:
+            raise DeviceNotFoundError(f"no device {device_id!r}")
+
+    def query_devices(
+        self, fleet_filter: FleetFilter, after: str, limit: int
+    ) -> list[DeviceRecord]:
+        """Devices matching the filter with ids after `after`, in id order, at most `limit`."""
+        query = (
+            select(*_DEVICE_COLUMNS)
+            .where(devices.c.device_id > after, *self._conditions(fleet_filter))
+            .order_by(devices.c.device_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def count_devices(self, fleet_filter: FleetFilter) -> int:
+        query = select(func.count()).select_from(devices).where(*self._conditions(fleet_filter))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # --- shadows ------------------------------------------------------------------------------
+
+    def get_shadow(self, device_id: str) -> ShadowState:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(*_SHADOW_COLUMNS).where(devices.c.device_id == device_id)
+            ).first()
+        if row is None:
+            raise DeviceNotFoundError(f"no device {device_id!r}")
+        return _state(row)
+
+    def modify_shadow(
+        self, device_id: str, change: Callable[[ShadowState], tuple[ShadowState, T]]
+    ) -> T:
+        """Lock one shadow, compute its next state with `change`, write it, return its result.
+
+        An exception from `change` rolls back and leaves the stored shadow as it was.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(*_SHADOW_COLUMNS).where(devices.c.device_id == device_id).with_for_update()
+            ).first()
+            if row is None:
+                raise DeviceNotFoundError(f"no device {device_id!r}")
+            new_state, result = change(_state(row))
+            self._write_states(conn, [(device_id, new_state)])
+        return result
+
+    def modify_shadows(
+        self,
+        device_ids: Iterable[str],
+        change: Callable[[str, ShadowState], ShadowState | None],
+    ) -> set[str]:
+        """Lock many shadows with one query, apply `change` to each, write the changed ones in
+        bulk, all in one transaction. `change` returns None to leave a shadow as it is.
+        Returns the ids that exist."""
+        ids = sorted(set(device_ids))  # lock in id order so concurrent batches cannot deadlock
+        if not ids:
+            return set()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(*_SHADOW_COLUMNS)
+                .where(devices.c.device_id.in_(ids))
+                .order_by(devices.c.device_id)
+                .with_for_update()
+            ).all()
+            changed = []
+            for row in rows:
+                new_state = change(row.device_id, _state(row))
+                if new_state is not None:
+                    changed.append((row.device_id, new_state))
+            self._write_states(conn, changed)
+        return {row.device_id for row in rows}
+
+    def _write_states(self, conn: Connection, states: Sequence[tuple[str, ShadowState]]) -> None:
+        if not states:
+            return
+        if self._postgres and len(states) > 1:
+            self._copy_states(conn, states)
+            return
+        conn.execute(
+            update(devices)
+            .where(devices.c.device_id == bindparam("b_device_id"))
+            .values(
+                desired=bindparam("b_desired"),
+                reported=bindparam("b_reported"),
+                shadow_metadata=bindparam("b_metadata"),
+                version=bindparam("b_version"),
+                has_shadow=bindparam("b_exists"),
+            ),
+            [
+                {
+                    "b_device_id": device_id,
+                    "b_desired": state.desired,
+                    "b_reported": state.reported,
+                    "b_metadata": state.metadata,
+                    "b_version": state.version,
+                    "b_exists": state.exists,
+                }
+                for device_id, state in states
+            ],
+        )
+
+    @staticmethod
+    def _copy_states(conn: Connection, states: Sequence[tuple[str, ShadowState]]) -> None:
+        """Write many shadows in two statements: COPY to a temp table, then UPDATE ... FROM."""
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cursor:
+            cursor.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS shadow_writes ("
+                " device_id text PRIMARY KEY, desired jsonb, reported jsonb,"
+                " shadow_metadata jsonb, version bigint, has_shadow boolean"
+                ") ON COMMIT DELETE ROWS"
+            )
+            with cursor.copy(
+                "COPY shadow_writes (device_id, desired, reported, shadow_metadata, version,"
+                " has_shadow) FROM STDIN"
+            ) as copy:
+                for device_id, state in states:
+                    copy.write_row(
+                        (
+                            device_id,
+                            dumps(state.desired),
+                            dumps(state.reported),
+                            dumps(state.metadata),
+                            state.version,
+                            state.exists,
+                        )
+                    )
+            cursor.execute(
+                "UPDATE devices AS d SET desired = w.desired, reported = w.reported,"
+                " shadow_metadata = w.shadow_metadata, version = w.version,"
+                " has_shadow = w.has_shadow FROM shadow_writes AS w"
+                " WHERE d.device_id = w.device_id"
+            )
+
+    # --- fleet filters compiled to SQL ---------------------------------------------------------
+
+    def _conditions(self, fleet_filter: FleetFilter) -> list[ColumnElement[bool]]:
+        compile_one = self._pg_condition if self._postgres else self._sqlite_condition
+        return [compile_one(c) for c in fleet_filter.comparisons]
+
+    @staticmethod
+    def _pg_condition(c: Comparison) -> ColumnElement[bool]:
+        column = devices.c[c.root]
+        if c.root == "tags" and c.value is not None:
+            # Tag values are strings, so containment is equality, and it uses the GIN index.
+            equal: ColumnElement[bool] = column.op("@>", return_type=Boolean)(
+                cast(literal(json.dumps({c.path[0]: c.value})), JSONB)
+            )
+            return equal if c.op == "==" else not_(equal)
+        found = column.op("#>", return_type=JSONB)(literal(list(c.path), type_=ARRAY(SqlText())))
+        if c.value is None:
+            return found.is_(None) if c.op == "==" else found.is_not(None)
+        value = cast(literal(json.dumps(c.value)), JSONB)
+        return found == value if c.op == "==" else found.is_distinct_from(value)
+
+    @staticmethod
+    def _sqlite_condition(c: Comparison) -> ColumnElement[bool]:
+        column = devices.c[c.root]
+        path = "$" + "".join("." + json.dumps(key) for key in c.path)
+        json_type = func.json_type(column, path)
+        if c.value is None:
+            return json_type.is_(None) if c.op == "==" else json_type.is_not(None)
+        if isinstance(c.value, bool):
+            equal = json_type == ("true" if c.value else "false")
+        else:
+            equal = and_(
+                func.json_extract(column, path) == func.json_extract(json.dumps(c.value), "$"),
+                json_type.not_in(["true", "false"]),
+            )
+        if c.op == "==":
+            return func.coalesce(equal, false()) == true()
+        return func.coalesce(equal, false()) == false()
