@@ -25,6 +25,7 @@ from services.shadow.fleet_filter import Comparison, FleetFilter, parse_filter
 from services.shadow.store import DeviceRecord, ShadowStore
 
 DEFAULT_PAGE_SIZE = 100
+_UNKNOWN_DEVICE_HASH = credentials.hash_password(credentials.new_password())
 MAX_PAGE_SIZE = 1000
 
 
@@ -104,12 +105,15 @@ class ShadowService:
         self.store.delete_device(domain.validate_device_id(device_id))
 
     def verify_device_credentials(self, device_id: str, password: str) -> bool:
+        """True only for a registered device and its own password. An unknown device costs
+        the same hash computation, so timing does not tell which devices exist."""
         try:
             domain.validate_device_id(device_id)
         except InvalidRequestError:
             return False
         stored = self.store.credential_hash(device_id)
-        return stored is not None and credentials.verify_password(password, stored)
+        matches = credentials.verify_password(password, stored or _UNKNOWN_DEVICE_HASH)
+        return stored is not None and matches
 
     def list_devices(self, tags: Mapping[str, str], page_size: int, page_token: str) -> Page:
         tags = domain.validate_tags(tags)

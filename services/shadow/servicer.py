@@ -120,6 +120,13 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         return pb.DeleteDeviceResponse()
 
     @translate_errors
+    def AuthenticateDevice(
+        self, request: pb.AuthenticateDeviceRequest, context: grpc.ServicerContext
+    ) -> pb.AuthenticateDeviceResponse:
+        ok = self.service.verify_device_credentials(request.device_id, request.password)
+        return pb.AuthenticateDeviceResponse(authenticated=ok)
+
+    @translate_errors
     def GetShadow(self, request: pb.GetShadowRequest, context: grpc.ServicerContext) -> pb.Shadow:
         state, document = self.service.get_shadow(request.device_id)
         return pb.Shadow(

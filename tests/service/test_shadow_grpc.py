@@ -54,8 +54,16 @@ def test_register_returns_credentials_once_and_stores_only_a_hash(
     assert reply.credentials.password not in str(tuple(row))
     assert credentials.verify_password(reply.credentials.password, row.credential_hash)
     assert not credentials.verify_password("wrong", row.credential_hash)
-    assert shadow_server.service.verify_device_credentials("dev-1", reply.credentials.password)
-    assert not shadow_server.service.verify_device_credentials("dev-2", reply.credentials.password)
+    for device_id, password, expected in [
+        ("dev-1", reply.credentials.password, True),
+        ("dev-1", "wrong", False),
+        ("dev-2", reply.credentials.password, False),
+        ("a/b", reply.credentials.password, False),
+    ]:
+        answer = shadow_server.stub.AuthenticateDevice(
+            pb.AuthenticateDeviceRequest(device_id=device_id, password=password)
+        )
+        assert answer.authenticated is expected
 
     device = shadow_server.stub.GetDevice(pb.GetDeviceRequest(device_id="dev-1"))
     assert device.device_id == "dev-1" and device.tags == {"site": "berlin"}

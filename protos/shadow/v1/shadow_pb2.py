@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/shadow/v1/shadow.proto\x12\rota.shadow.v1\"\xa6\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.ota.shadow.v1.Device.TagsEntry\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x16\n\x0eshadow_version\x18\x04 \x01(\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x15RegisterDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12<\n\x04tags\x18\x02 \x03(\x0b\x32..ota.shadow.v1.RegisterDeviceRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x0fMqttCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"t\n\x16RegisterDeviceResponse\x12%\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x15.ota.shadow.v1.Device\x12\x33\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1e.ota.shadow.v1.MqttCredentials\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xa3\x01\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x39\n\x04tags\x18\x03 \x03(\x0b\x32+.ota.shadow.v1.ListDevicesRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x13ListDevicesResponse\x12&\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x15.ota.shadow.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x44\x65leteDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteDeviceResponse\"%\n\x10GetShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x06Shadow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rdocument_json\x18\x03 \x01(\t\">\n\x13UpdateShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0crequest_json\x18\x02 \x01(\t\"i\n\x14UpdateShadowResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\raccepted_json\x18\x02 \x01(\t\x12\x15\n\rdocument_json\x18\x03 \x01(\t\x12\x12\n\ndelta_json\x18\x04 \x01(\t\"\\\n\x13\x44\x65leteShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\'\n\x14\x44\x65leteShadowResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x81\x01\n\x0c\x44\x65siredPatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65sired_json\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0c\x63lient_token\x18\x04 \x01(\tB\x13\n\x11_expected_version\"G\n\x19\x42\x61tchUpdateDesiredRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.ota.shadow.v1.DesiredPatch\"\xe8\x01\n\x0f\x42\x61tchItemResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.ota.shadow.v1.BatchItemResult.Status\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"i\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x14\n\x10VERSION_CONFLICT\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x12\r\n\tTOO_LARGE\x10\x05\"M\n\x1a\x42\x61tchUpdateDesiredResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.ota.shadow.v1.BatchItemResult\"Y\n\x11QueryFleetRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x08\"j\n\x12QueryFleetResponse\x12&\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x15.ota.shadow.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0btotal_count\x18\x03 \x01(\x03\x32\x97\x06\n\rShadowService\x12]\n\x0eRegisterDevice\x12$.ota.shadow.v1.RegisterDeviceRequest\x1a%.ota.shadow.v1.RegisterDeviceResponse\x12\x43\n\tGetDevice\x12\x1f.ota.shadow.v1.GetDeviceRequest\x1a\x15.ota.shadow.v1.Device\x12T\n\x0bListDevices\x12!.ota.shadow.v1.ListDevicesRequest\x1a\".ota.shadow.v1.ListDevicesResponse\x12W\n\x0c\x44\x65leteDevice\x12\".ota.shadow.v1.DeleteDeviceRequest\x1a#.ota.shadow.v1.DeleteDeviceResponse\x12\x43\n\tGetShadow\x12\x1f.ota.shadow.v1.GetShadowRequest\x1a\x15.ota.shadow.v1.Shadow\x12W\n\x0cUpdateShadow\x12\".ota.shadow.v1.UpdateShadowRequest\x1a#.ota.shadow.v1.UpdateShadowResponse\x12W\n\x0c\x44\x65leteShadow\x12\".ota.shadow.v1.DeleteShadowRequest\x1a#.ota.shadow.v1.DeleteShadowResponse\x12i\n\x12\x42\x61tchUpdateDesired\x12(.ota.shadow.v1.BatchUpdateDesiredRequest\x1a).ota.shadow.v1.BatchUpdateDesiredResponse\x12Q\n\nQueryFleet\x12 .ota.shadow.v1.QueryFleetRequest\x1a!.ota.shadow.v1.QueryFleetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/shadow/v1/shadow.proto\x12\rota.shadow.v1\"\xa6\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x04tags\x18\x02 \x03(\x0b\x32\x1f.ota.shadow.v1.Device.TagsEntry\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x16\n\x0eshadow_version\x18\x04 \x01(\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x15RegisterDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12<\n\x04tags\x18\x02 \x03(\x0b\x32..ota.shadow.v1.RegisterDeviceRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x0fMqttCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"t\n\x16RegisterDeviceResponse\x12%\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x15.ota.shadow.v1.Device\x12\x33\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1e.ota.shadow.v1.MqttCredentials\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xa3\x01\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x39\n\x04tags\x18\x03 \x03(\x0b\x32+.ota.shadow.v1.ListDevicesRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x13ListDevicesResponse\x12&\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x15.ota.shadow.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x44\x65leteDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteDeviceResponse\"@\n\x19\x41uthenticateDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"3\n\x1a\x41uthenticateDeviceResponse\x12\x15\n\rauthenticated\x18\x01 \x01(\x08\"%\n\x10GetShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x06Shadow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rdocument_json\x18\x03 \x01(\t\">\n\x13UpdateShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0crequest_json\x18\x02 \x01(\t\"i\n\x14UpdateShadowResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\raccepted_json\x18\x02 \x01(\t\x12\x15\n\rdocument_json\x18\x03 \x01(\t\x12\x12\n\ndelta_json\x18\x04 \x01(\t\"\\\n\x13\x44\x65leteShadowRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\'\n\x14\x44\x65leteShadowResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x81\x01\n\x0c\x44\x65siredPatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65sired_json\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0c\x63lient_token\x18\x04 \x01(\tB\x13\n\x11_expected_version\"G\n\x19\x42\x61tchUpdateDesiredRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.ota.shadow.v1.DesiredPatch\"\xe8\x01\n\x0f\x42\x61tchItemResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.ota.shadow.v1.BatchItemResult.Status\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"i\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x14\n\x10VERSION_CONFLICT\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x12\r\n\tTOO_LARGE\x10\x05\"M\n\x1a\x42\x61tchUpdateDesiredResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.ota.shadow.v1.BatchItemResult\"Y\n\x11QueryFleetRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x08\"j\n\x12QueryFleetResponse\x12&\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x15.ota.shadow.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0btotal_count\x18\x03 \x01(\x03\x32\x82\x07\n\rShadowService\x12]\n\x0eRegisterDevice\x12$.ota.shadow.v1.RegisterDeviceRequest\x1a%.ota.shadow.v1.RegisterDeviceResponse\x12\x43\n\tGetDevice\x12\x1f.ota.shadow.v1.GetDeviceRequest\x1a\x15.ota.shadow.v1.Device\x12T\n\x0bListDevices\x12!.ota.shadow.v1.ListDevicesRequest\x1a\".ota.shadow.v1.ListDevicesResponse\x12W\n\x0c\x44\x65leteDevice\x12\".ota.shadow.v1.DeleteDeviceRequest\x1a#.ota.shadow.v1.DeleteDeviceResponse\x12i\n\x12\x41uthenticateDevice\x12(.ota.shadow.v1.AuthenticateDeviceRequest\x1a).ota.shadow.v1.AuthenticateDeviceResponse\x12\x43\n\tGetShadow\x12\x1f.ota.shadow.v1.GetShadowRequest\x1a\x15.ota.shadow.v1.Shadow\x12W\n\x0cUpdateShadow\x12\".ota.shadow.v1.UpdateShadowRequest\x1a#.ota.shadow.v1.UpdateShadowResponse\x12W\n\x0c\x44\x65leteShadow\x12\".ota.shadow.v1.DeleteShadowRequest\x1a#.ota.shadow.v1.DeleteShadowResponse\x12i\n\x12\x42\x61tchUpdateDesired\x12(.ota.shadow.v1.BatchUpdateDesiredRequest\x1a).ota.shadow.v1.BatchUpdateDesiredResponse\x12Q\n\nQueryFleet\x12 .ota.shadow.v1.QueryFleetRequest\x1a!.ota.shadow.v1.QueryFleetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,32 +61,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEDEVICEREQUEST']._serialized_end=875
   _globals['_DELETEDEVICERESPONSE']._serialized_start=877
   _globals['_DELETEDEVICERESPONSE']._serialized_end=899
-  _globals['_GETSHADOWREQUEST']._serialized_start=901
-  _globals['_GETSHADOWREQUEST']._serialized_end=938
-  _globals['_SHADOW']._serialized_start=940
-  _globals['_SHADOW']._serialized_end=1007
-  _globals['_UPDATESHADOWREQUEST']._serialized_start=1009
-  _globals['_UPDATESHADOWREQUEST']._serialized_end=1071
-  _globals['_UPDATESHADOWRESPONSE']._serialized_start=1073
-  _globals['_UPDATESHADOWRESPONSE']._serialized_end=1178
-  _globals['_DELETESHADOWREQUEST']._serialized_start=1180
-  _globals['_DELETESHADOWREQUEST']._serialized_end=1272
-  _globals['_DELETESHADOWRESPONSE']._serialized_start=1274
-  _globals['_DELETESHADOWRESPONSE']._serialized_end=1313
-  _globals['_DESIREDPATCH']._serialized_start=1316
-  _globals['_DESIREDPATCH']._serialized_end=1445
-  _globals['_BATCHUPDATEDESIREDREQUEST']._serialized_start=1447
-  _globals['_BATCHUPDATEDESIREDREQUEST']._serialized_end=1518
-  _globals['_BATCHITEMRESULT']._serialized_start=1521
-  _globals['_BATCHITEMRESULT']._serialized_end=1753
-  _globals['_BATCHITEMRESULT_STATUS']._serialized_start=1648
-  _globals['_BATCHITEMRESULT_STATUS']._serialized_end=1753
-  _globals['_BATCHUPDATEDESIREDRESPONSE']._serialized_start=1755
-  _globals['_BATCHUPDATEDESIREDRESPONSE']._serialized_end=1832
-  _globals['_QUERYFLEETREQUEST']._serialized_start=1834
-  _globals['_QUERYFLEETREQUEST']._serialized_end=1923
-  _globals['_QUERYFLEETRESPONSE']._serialized_start=1925
-  _globals['_QUERYFLEETRESPONSE']._serialized_end=2031
-  _globals['_SHADOWSERVICE']._serialized_start=2034
-  _globals['_SHADOWSERVICE']._serialized_end=2825
+  _globals['_AUTHENTICATEDEVICEREQUEST']._serialized_start=901
+  _globals['_AUTHENTICATEDEVICEREQUEST']._serialized_end=965
+  _globals['_AUTHENTICATEDEVICERESPONSE']._serialized_start=967
+  _globals['_AUTHENTICATEDEVICERESPONSE']._serialized_end=1018
+  _globals['_GETSHADOWREQUEST']._serialized_start=1020
+  _globals['_GETSHADOWREQUEST']._serialized_end=1057
+  _globals['_SHADOW']._serialized_start=1059
+  _globals['_SHADOW']._serialized_end=1126
+  _globals['_UPDATESHADOWREQUEST']._serialized_start=1128
+  _globals['_UPDATESHADOWREQUEST']._serialized_end=1190
+  _globals['_UPDATESHADOWRESPONSE']._serialized_start=1192
+  _globals['_UPDATESHADOWRESPONSE']._serialized_end=1297
+  _globals['_DELETESHADOWREQUEST']._serialized_start=1299
+  _globals['_DELETESHADOWREQUEST']._serialized_end=1391
+  _globals['_DELETESHADOWRESPONSE']._serialized_start=1393
+  _globals['_DELETESHADOWRESPONSE']._serialized_end=1432
+  _globals['_DESIREDPATCH']._serialized_start=1435
+  _globals['_DESIREDPATCH']._serialized_end=1564
+  _globals['_BATCHUPDATEDESIREDREQUEST']._serialized_start=1566
+  _globals['_BATCHUPDATEDESIREDREQUEST']._serialized_end=1637
+  _globals['_BATCHITEMRESULT']._serialized_start=1640
+  _globals['_BATCHITEMRESULT']._serialized_end=1872
+  _globals['_BATCHITEMRESULT_STATUS']._serialized_start=1767
+  _globals['_BATCHITEMRESULT_STATUS']._serialized_end=1872
+  _globals['_BATCHUPDATEDESIREDRESPONSE']._serialized_start=1874
+  _globals['_BATCHUPDATEDESIREDRESPONSE']._serialized_end=1951
+  _globals['_QUERYFLEETREQUEST']._serialized_start=1953
+  _globals['_QUERYFLEETREQUEST']._serialized_end=2042
+  _globals['_QUERYFLEETRESPONSE']._serialized_start=2044
+  _globals['_QUERYFLEETRESPONSE']._serialized_end=2150
+  _globals['_SHADOWSERVICE']._serialized_start=2153
+  _globals['_SHADOWSERVICE']._serialized_end=3051
 # @@protoc_insertion_point(module_scope)

@@ -294,6 +294,47 @@ class DeleteDeviceResponse(_message.Message):
 Global___DeleteDeviceResponse: _TypeAlias = DeleteDeviceResponse  # noqa: Y015
 
 @_typing.final
+class AuthenticateDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    password: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "password", b"password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthenticateDeviceRequest: _TypeAlias = AuthenticateDeviceRequest  # noqa: Y015
+
+@_typing.final
+class AuthenticateDeviceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHENTICATED_FIELD_NUMBER: _builtins.int
+    authenticated: _builtins.bool
+    def __init__(
+        self,
+        *,
+        authenticated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated", b"authenticated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthenticateDeviceResponse: _TypeAlias = AuthenticateDeviceResponse  # noqa: Y015
+
+@_typing.final
 class GetShadowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

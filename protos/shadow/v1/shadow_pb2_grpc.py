@@ -54,6 +54,11 @@ class ShadowServiceStub:
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceRequest.SerializeToString,
                 response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceResponse.FromString,
                 _registered_method=True)
+        self.AuthenticateDevice = channel.unary_unary(
+                '/ota.shadow.v1.ShadowService/AuthenticateDevice',
+                request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceResponse.FromString,
+                _registered_method=True)
         self.GetShadow = channel.unary_unary(
                 '/ota.shadow.v1.ShadowService/GetShadow',
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.GetShadowRequest.SerializeToString,
@@ -105,6 +110,14 @@ class ShadowServiceServicer:
 
     def DeleteDevice(self, request, context):
         """Deletes the device, its credentials and its shadow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthenticateDevice(self, request, context):
+        """Checks a device's own credentials (for the broker's auth hook and the download plane).
+        A wrong password and an unknown device get the same answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +180,11 @@ def add_ShadowServiceServicer_to_server(servicer, server):
                     servicer.DeleteDevice,
                     request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceRequest.FromString,
                     response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceResponse.SerializeToString,
+            ),
+            'AuthenticateDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthenticateDevice,
+                    request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceRequest.FromString,
+                    response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceResponse.SerializeToString,
             ),
             'GetShadow': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShadow,
@@ -302,6 +320,33 @@ class ShadowService:
             '/ota.shadow.v1.ShadowService/DeleteDevice',
             protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceRequest.SerializeToString,
             protos_dot_shadow_dot_v1_dot_shadow__pb2.DeleteDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthenticateDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.shadow.v1.ShadowService/AuthenticateDevice',
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceRequest.SerializeToString,
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.AuthenticateDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

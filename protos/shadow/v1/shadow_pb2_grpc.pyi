@@ -42,6 +42,10 @@ class ShadowServiceStub:
     ListDevices: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.ListDevicesRequest, _shadow_pb2.ListDevicesResponse]
     DeleteDevice: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.DeleteDeviceRequest, _shadow_pb2.DeleteDeviceResponse]
     """Deletes the device, its credentials and its shadow."""
+    AuthenticateDevice: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.AuthenticateDeviceRequest, _shadow_pb2.AuthenticateDeviceResponse]
+    """Checks a device's own credentials (for the broker's auth hook and the download plane).
+    A wrong password and an unknown device get the same answer.
+    """
     GetShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.GetShadowRequest, _shadow_pb2.Shadow]
     UpdateShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.UpdateShadowRequest, _shadow_pb2.UpdateShadowResponse]
     """Merges desired and/or reported state into the shadow (AWS "UpdateThingShadow")."""
@@ -63,6 +67,10 @@ class ShadowServiceAsyncStub(ShadowServiceStub):
     ListDevices: _aio.UnaryUnaryMultiCallable[_shadow_pb2.ListDevicesRequest, _shadow_pb2.ListDevicesResponse]  # type: ignore[assignment]
     DeleteDevice: _aio.UnaryUnaryMultiCallable[_shadow_pb2.DeleteDeviceRequest, _shadow_pb2.DeleteDeviceResponse]  # type: ignore[assignment]
     """Deletes the device, its credentials and its shadow."""
+    AuthenticateDevice: _aio.UnaryUnaryMultiCallable[_shadow_pb2.AuthenticateDeviceRequest, _shadow_pb2.AuthenticateDeviceResponse]  # type: ignore[assignment]
+    """Checks a device's own credentials (for the broker's auth hook and the download plane).
+    A wrong password and an unknown device get the same answer.
+    """
     GetShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.GetShadowRequest, _shadow_pb2.Shadow]  # type: ignore[assignment]
     UpdateShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.UpdateShadowRequest, _shadow_pb2.UpdateShadowResponse]  # type: ignore[assignment]
     """Merges desired and/or reported state into the shadow (AWS "UpdateThingShadow")."""
@@ -105,6 +113,16 @@ class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shadow_pb2.DeleteDeviceResponse, _abc.Awaitable[_shadow_pb2.DeleteDeviceResponse]]:
         """Deletes the device, its credentials and its shadow."""
+
+    @_abc_1.abstractmethod
+    def AuthenticateDevice(
+        self,
+        request: _shadow_pb2.AuthenticateDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shadow_pb2.AuthenticateDeviceResponse, _abc.Awaitable[_shadow_pb2.AuthenticateDeviceResponse]]:
+        """Checks a device's own credentials (for the broker's auth hook and the download plane).
+        A wrong password and an unknown device get the same answer.
+        """
 
     @_abc_1.abstractmethod
     def GetShadow(
