@@ -76,7 +76,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         return
     pg: Engine = request.getfixturevalue("postgres_engine")
     with pg.begin() as conn:
-        conn.execute(text("TRUNCATE devices"))
+        conn.execute(text("TRUNCATE devices, shadow_events"))
     yield pg
 
 

@@ -14,8 +14,9 @@ follow the AWS IoT Device Shadow service (DESIGN.md):
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ Section = Literal["desired", "reported"]
 SECTIONS: tuple[Section, ...] = ("desired", "reported")
 
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-TAG_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+TAG_KEY_PATTERN = re.compile(r"[A-Za-z0-9_:-]{1,64}")  # no ".": filters name tags.<key>
 MAX_TAGS = 50
 MAX_TAG_VALUE_CHARS = 256
 
@@ -100,9 +101,7 @@ def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
         raise InvalidRequestError(f"at most {MAX_TAGS} tags, got {len(tags)}")
     for key, value in tags.items():
         if not TAG_KEY_PATTERN.fullmatch(key):
-            raise InvalidRequestError(
-                f"tag key must be 1-64 characters of [A-Za-z0-9_.:-]: {key!r}"
-            )
+            raise InvalidRequestError(f"tag key must be 1-64 characters of [A-Za-z0-9_:-]: {key!r}")
         if len(value) > MAX_TAG_VALUE_CHARS:
             raise InvalidRequestError(f"tag {key!r}: value over {MAX_TAG_VALUE_CHARS} characters")
     return dict(tags)
@@ -112,26 +111,62 @@ def _reject_constant(name: str) -> Any:
     raise InvalidRequestError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequestError(f"number {text[:40]} is out of range")
+    return value
+
+
+# A JSON escape of a lone UTF-16 surrogate: valid JSON text, but no UTF-8 can carry it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: str | bytes, max_bytes: int, what: str = "document") -> Any:
-    """Decode JSON text received from outside, bounded in size; NaN and Infinity are refused."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > max_bytes:
-        raise DocumentTooLargeError(f"{what} is {size} bytes, the limit is {max_bytes}")
+    """Decode JSON text received from outside, bounded in size.
+
+    Refused: invalid UTF-8 or JSON, NaN, Infinity and numbers that overflow to it, lone
+    surrogates, and nesting deep enough to exhaust the parser's recursion.
+    """
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
-        if isinstance(exc, InvalidRequestError):
-            raise
+        data = raw.encode() if isinstance(raw, str) else raw
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid UTF-8") from None
+    if len(data) > max_bytes:
+        raise DocumentTooLargeError(f"{what} is {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        value = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except InvalidRequestError:
+        raise
+    except RecursionError:
+        raise InvalidRequestError(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(data):
+        try:
+            dumps(value).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError(f"{what} holds a lone UTF-16 surrogate") from None
+    return value
 
 
 def depth(value: Any) -> int:
-    """Nesting levels of objects and arrays: {"a": 1} is 1, {"a": {"b": [1]}} is 3."""
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
+    """Nesting levels of objects and arrays: {"a": 1} is 1, {"a": {"b": [1]}} is 3.
+
+    Iterative, so a hostile document cannot exhaust the stack."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _check_section(name: str, patch: Any, limits: ShadowLimits) -> JsonObject | None:
@@ -282,10 +317,8 @@ def project_metadata(metadata: JsonObject, shape: JsonObject) -> JsonObject:
 
 
 def document_size(desired: JsonObject, reported: JsonObject) -> int:
-    """Bytes of the state document as the limit counts it: compact JSON of both sections."""
-    return len(
-        json.dumps({"desired": desired, "reported": reported}, separators=(",", ":")).encode()
-    )
+    """UTF-8 bytes of the state document as stored: compact JSON of both sections."""
+    return len(dumps({"desired": desired, "reported": reported}).encode())
 
 
 def apply_update(

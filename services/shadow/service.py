@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,19 @@ from services.shadow.errors import (
     VersionConflictError,
 )
 from services.shadow.fleet_filter import Comparison, FleetFilter, parse_filter
-from services.shadow.store import DeviceRecord, ShadowStore
+from services.shadow.store import (
+    DeviceRecord,
+    OutboxEvent,
+    ShadowStore,
+    ShadowWrite,
+    StoredEvent,
+)
 
 DEFAULT_PAGE_SIZE = 100
+MAX_EVENTS_PER_READ = 5000
+MAX_EVENT_WAIT_SECONDS = 30.0
+# Another process may write to the same database: look again this often while waiting.
+EVENT_POLL_SECONDS = 0.2
 _UNKNOWN_DEVICE_HASH = credentials.hash_password(credentials.new_password())
 MAX_PAGE_SIZE = 1000
 
@@ -85,6 +96,8 @@ class ShadowService:
         self.limits = limits or ShadowLimits()
         self.max_batch_items = max_batch_items
         self.clock = clock
+        self._written = threading.Condition()
+        self._writes = 0  # counts committed writes, so a waiting reader misses none
 
     # --- devices ------------------------------------------------------------------------------
 
@@ -145,19 +158,21 @@ class ShadowService:
         domain.validate_device_id(device_id)
         request = domain.parse_update_request(request_json, self.limits)
 
-        def change(state: ShadowState) -> tuple[ShadowState, UpdateResult]:
+        def change(state: ShadowState) -> tuple[ShadowWrite, UpdateResult]:
             result = domain.apply_update(state, request, self.clock(), self.limits)
-            return result.current, result
+            return ShadowWrite(result.current, [announce(device_id, result)]), result
 
-        return self.store.modify_shadow(device_id, change)
+        result = self.store.modify_shadow(device_id, change)
+        self._notify_written()
+        return result
 
     def delete_shadow(self, device_id: str, expected_version: int | None) -> int:
         domain.validate_device_id(device_id)
 
-        def change(state: ShadowState) -> tuple[ShadowState, int]:
+        def change(state: ShadowState) -> tuple[ShadowWrite, int]:
             if not state.exists:
                 raise ShadowNotFoundError(f"device {device_id!r} has no shadow")
-            return domain.delete_shadow(state, expected_version), state.version
+            return ShadowWrite(domain.delete_shadow(state, expected_version), []), state.version
 
         return self.store.modify_shadow(device_id, change)
 
@@ -185,23 +200,71 @@ class ShadowService:
             requests.setdefault(item.device_id, []).append((index, request))
         now = self.clock()
 
-        def change(device_id: str, state: ShadowState) -> ShadowState | None:
-            changed = False
+        def change(device_id: str, state: ShadowState) -> ShadowWrite | None:
+            events = []
             for index, request in requests[device_id]:
                 try:
-                    state = domain.apply_update(state, request, now, self.limits).current
+                    result = domain.apply_update(state, request, now, self.limits)
                 except ShadowError as exc:
                     results[index] = _failure(device_id, exc)
                     continue
+                state = result.current
+                events.append(announce(device_id, result))
                 results[index] = ItemResult(device_id, "OK", state.version)
-                changed = True
-            return state if changed else None
+            return ShadowWrite(state, events) if events else None
 
         found = self.store.modify_shadows(requests, change)
+        self._notify_written()
         for device_id in requests.keys() - found:
             for index, _ in requests[device_id]:
                 results[index] = ItemResult(device_id, "NOT_FOUND", 0, f"no device {device_id!r}")
         return [result for result in results if result is not None]
+
+    # --- the outbox ---------------------------------------------------------------------------
+
+    def read_events(
+        self, after_id: int, partition: int, partitions: int, limit: int, wait_seconds: float
+    ) -> list[StoredEvent]:
+        """Outbox events of a partition after `after_id`; waits up to `wait_seconds` for one."""
+        if not 1 <= partitions <= 1024 or not 0 <= partition < partitions:
+            raise InvalidRequestError("partition must be in [0, partitions), partitions 1-1024")
+        if after_id < 0 or limit < 0:
+            raise InvalidRequestError("after_id and limit must not be negative")
+        limit = min(limit or 1000, MAX_EVENTS_PER_READ)
+        deadline = time.monotonic() + min(max(wait_seconds, 0.0), MAX_EVENT_WAIT_SECONDS)
+        while True:
+            with self._written:
+                seen = self._writes
+            events = self.store.read_events(after_id, partition, partitions, limit)
+            remaining = deadline - time.monotonic()
+            if events or remaining <= 0:
+                return events
+            with self._written:
+                if self._writes == seen:  # nothing written here since the read
+                    self._written.wait(min(remaining, EVENT_POLL_SECONDS))
+
+    def ack_events(self, up_to_id: int, partition: int, partitions: int) -> int:
+        """The publisher has published everything up to `up_to_id`: forget it."""
+        if not 1 <= partitions <= 1024 or not 0 <= partition < partitions:
+            raise InvalidRequestError("partition must be in [0, partitions), partitions 1-1024")
+        return self.store.delete_events(up_to_id, partition, partitions)
+
+    def _notify_written(self) -> None:
+        with self._written:
+            self._writes += 1
+            self._written.notify_all()
+
+
+def announce(device_id: str, result: UpdateResult) -> OutboxEvent:
+    """The outbox event of an accepted update: its delta message (if any) and documents."""
+    delta = (
+        domain.dumps(domain.delta_message(result.current, result.timestamp, result.client_token))
+        if result.publish_delta
+        else None
+    )
+    return OutboxEvent(
+        device_id, result.current.version, delta, domain.dumps(domain.documents_message(result))
+    )
 
 
 def _failure(device_id: str, exc: ShadowError) -> ItemResult:

@@ -194,3 +194,36 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         return pb.QueryFleetResponse(
             devices=devices, next_page_token=token, total_count=page.total_count or 0
         )
+
+    @translate_errors
+    def ReadEvents(
+        self, request: pb.ReadEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ReadEventsResponse:
+        events = self.service.read_events(
+            request.after_event_id,
+            request.partition,
+            max(request.partitions, 1),
+            request.limit,
+            request.wait_ms / 1000,
+        )
+        return pb.ReadEventsResponse(
+            events=[
+                pb.ShadowEvent(
+                    event_id=e.event_id,
+                    device_id=e.device_id,
+                    version=e.version,
+                    delta_json=e.delta_json or "",
+                    documents_json=e.documents_json,
+                )
+                for e in events
+            ]
+        )
+
+    @translate_errors
+    def AckEvents(
+        self, request: pb.AckEventsRequest, context: grpc.ServicerContext
+    ) -> pb.AckEventsResponse:
+        deleted = self.service.ack_events(
+            request.up_to_event_id, request.partition, max(request.partitions, 1)
+        )
+        return pb.AckEventsResponse(deleted=deleted)

@@ -1,14 +1,17 @@
-"""Persistence of devices and shadows (SQLAlchemy Core over PostgreSQL or SQLite).
+"""Persistence of devices, shadows and the outbox (SQLAlchemy Core, PostgreSQL or SQLite).
 
 The store knows rows and transactions, not shadow rules: a read-modify-write takes a callback
-(a pure rule from `domain`) and runs it under a row lock, so concurrent updates never lose one.
-Many devices are read with one SELECT and written with one statement: on PostgreSQL a COPY into
-a temporary table and one UPDATE ... FROM; elsewhere one executemany.
+(a pure rule from `domain`) and runs it under a row lock, so concurrent updates never lose one,
+and writes the callback's outbox events in the same transaction, so no accepted update goes
+unannounced. Many devices are read with one SELECT and written with one statement each for
+shadows and events: on PostgreSQL COPY (into a temporary table, then one UPDATE ... FROM, for
+shadows), elsewhere one executemany.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from services.shadow.domain import ShadowState, dumps
 from services.shadow.errors import DeviceExistsError, DeviceNotFoundError
 from services.shadow.fleet_filter import Comparison, FleetFilter
-from services.shadow.schema import devices
+from services.shadow.schema import devices, shadow_events
 
 T = TypeVar("T")
 
@@ -54,6 +57,37 @@ _DEVICE_COLUMNS = (
     devices.c.created_at_ms,
     devices.c.version,
 )
+
+
+BUCKETS = 1024
+
+
+def bucket_of(device_id: str) -> int:
+    """The outbox bucket of a device: stable, so one publisher sees a device's events in order."""
+    return zlib.crc32(device_id.encode()) % BUCKETS
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """Messages to publish for one accepted update (JSON text, ready for MQTT)."""
+
+    device_id: str
+    version: int
+    delta_json: str | None
+    documents_json: str
+
+
+@dataclass(frozen=True)
+class StoredEvent(OutboxEvent):
+    event_id: int
+
+
+@dataclass(frozen=True)
+class ShadowWrite:
+    """What a read-modify-write produces: the next state and the events announcing it."""
+
+    state: ShadowState
+    events: Sequence[OutboxEvent]
 
 
 @dataclass(frozen=True)
@@ -157,11 +191,11 @@ class ShadowStore:
         return _state(row)
 
     def modify_shadow(
-        self, device_id: str, change: Callable[[ShadowState], tuple[ShadowState, T]]
+        self, device_id: str, change: Callable[[ShadowState], tuple[ShadowWrite, T]]
     ) -> T:
-        """Lock one shadow, compute its next state with `change`, write it, return its result.
-
-        An exception from `change` rolls back and leaves the stored shadow as it was.
+        """Lock one shadow, compute its next state with `change`, write it and its events,
+        return the change's result. An exception from `change` rolls back and leaves the
+        stored shadow as it was.
         """
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -169,18 +203,19 @@ class ShadowStore:
             ).first()
             if row is None:
                 raise DeviceNotFoundError(f"no device {device_id!r}")
-            new_state, result = change(_state(row))
-            self._write_states(conn, [(device_id, new_state)])
+            write, result = change(_state(row))
+            self._write_states(conn, [(device_id, write.state)])
+            self._write_events(conn, write.events)
         return result
 
     def modify_shadows(
         self,
         device_ids: Iterable[str],
-        change: Callable[[str, ShadowState], ShadowState | None],
+        change: Callable[[str, ShadowState], ShadowWrite | None],
     ) -> set[str]:
-        """Lock many shadows with one query, apply `change` to each, write the changed ones in
-        bulk, all in one transaction. `change` returns None to leave a shadow as it is.
-        Returns the ids that exist."""
+        """Lock many shadows with one query, apply `change` to each, write the changed ones
+        and their events in bulk, all in one transaction. `change` returns None to leave a
+        shadow as it is. Returns the ids that exist."""
         ids = sorted(set(device_ids))  # lock in id order so concurrent batches cannot deadlock
         if not ids:
             return set()
@@ -192,12 +227,77 @@ class ShadowStore:
                 .with_for_update()
             ).all()
             changed = []
+            events: list[OutboxEvent] = []
             for row in rows:
-                new_state = change(row.device_id, _state(row))
-                if new_state is not None:
-                    changed.append((row.device_id, new_state))
+                write = change(row.device_id, _state(row))
+                if write is not None:
+                    changed.append((row.device_id, write.state))
+                    events.extend(write.events)
             self._write_states(conn, changed)
+            self._write_events(conn, events)
         return {row.device_id for row in rows}
+
+    # --- the outbox ---------------------------------------------------------------------------
+
+    def _write_events(self, conn: Connection, events: Sequence[OutboxEvent]) -> None:
+        if not events:
+            return
+        rows = [
+            {
+                "bucket": bucket_of(e.device_id),
+                "device_id": e.device_id,
+                "version": e.version,
+                "delta_json": e.delta_json,
+                "documents_json": e.documents_json,
+            }
+            for e in events
+        ]
+        if self._postgres and len(rows) > 1:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(
+                    "COPY shadow_events (bucket, device_id, version, delta_json, documents_json)"
+                    " FROM STDIN"
+                ) as copy,
+            ):
+                for row in rows:
+                    copy.write_row(tuple(row.values()))
+            return
+        conn.execute(shadow_events.insert(), rows)
+
+    def read_events(
+        self, after_id: int, partition: int, partitions: int, limit: int
+    ) -> list[StoredEvent]:
+        """Events of one partition (bucket mod partitions) after `after_id`, oldest first."""
+        query = (
+            select(shadow_events)
+            .where(shadow_events.c.event_id > after_id)
+            .order_by(shadow_events.c.event_id)
+            .limit(limit)
+        )
+        if partitions > 1:
+            query = query.where(shadow_events.c.bucket % partitions == partition)
+        with self.engine.connect() as conn:
+            return [
+                StoredEvent(
+                    event_id=row.event_id,
+                    device_id=row.device_id,
+                    version=row.version,
+                    delta_json=row.delta_json,
+                    documents_json=row.documents_json,
+                )
+                for row in conn.execute(query)
+            ]
+
+    def delete_events(self, up_to_id: int, partition: int, partitions: int) -> int:
+        """Forget a partition's events up to `up_to_id` once they are published."""
+        statement = shadow_events.delete().where(shadow_events.c.event_id <= up_to_id)
+        if partitions > 1:
+            statement = statement.where(shadow_events.c.bucket % partitions == partition)
+        with self.engine.begin() as conn:
+            return conn.execute(statement).rowcount
 
     def _write_states(self, conn: Connection, states: Sequence[tuple[str, ShadowState]]) -> None:
         if not states:

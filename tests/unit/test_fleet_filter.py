@@ -290,9 +290,9 @@ def test_prop_not_equal_is_the_negation_of_equal(
         literal = data.draw(
             st.one_of(LITERALS, st.just(lookup(document, path)[1])) if path else LITERALS
         )
-    text = f"{root}.{'.'.join(path)} {{}} {json.dumps(literal)}"
-    equal = parse_filter(text.format("=="))
-    not_equal = parse_filter(text.format("!="))
+    subject, value = f"{root}.{'.'.join(path)}", json.dumps(literal)
+    equal = parse_filter(f"{subject} == {value}")
+    not_equal = parse_filter(f"{subject} != {value}")
     assert equal.matches(tags, desired, reported) is not not_equal.matches(tags, desired, reported)
 
 

@@ -709,7 +709,7 @@ def test_invalid_device_ids(device_id: str) -> None:
 
 
 def test_valid_tags() -> None:
-    tags = {"site": "berlin", "k" * 64: "v" * 256, "a.b:c_d-e": ""}
+    tags = {"site": "berlin", "k" * 64: "v" * 256, "a:b_c-d": ""}
     assert validate_tags(tags) == tags
     many = {f"t{i}": "x" for i in range(50)}
     assert validate_tags(many) == many
@@ -724,6 +724,7 @@ def test_valid_tags() -> None:
         {"k" * 65: "x"},
         {"a b": "x"},
         {"a/b": "x"},
+        {"a.b": "x"},  # a filter could not name it: tags.a.b is a two-level path
         {"ä": "x"},
         {"site": "v" * 257},
     ],
@@ -856,13 +857,31 @@ def test_prop_reporting_the_desired_state_leaves_no_delta(
     assert "delta" not in shadow_document(result.current, 3000)["state"]
 
 
+def twin(value: Any) -> Any:
+    """A value Python's == confuses with `value`: true -> 1, 1 -> 1.0, 1.0 -> 1."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: twin(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [twin(v) for v in value]
+    return value
+
+
 @st.composite
 def desired_and_reported(draw: st.DrawFn) -> tuple[JsonObject, JsonObject]:
     desired = draw(DOCUMENTS)
-    if draw(st.booleans()):
+    choice = draw(st.sampled_from(["independent", "patched", "twin"]))
+    if choice == "independent":
         reported = draw(DOCUMENTS)
-    else:  # reported close to desired, so the "empty delta" side is exercised too
+    elif choice == "patched":  # close to desired, so the "empty delta" side is exercised too
         reported, _ = merge(desired, {}, draw(PATCHES), 0)
+    else:  # equal to Python, but true is not 1 in JSON
+        reported = twin(desired)
     return desired, reported
 
 

@@ -84,6 +84,16 @@ class ShadowServiceStub:
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetRequest.SerializeToString,
                 response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetResponse.FromString,
                 _registered_method=True)
+        self.ReadEvents = channel.unary_unary(
+                '/ota.shadow.v1.ShadowService/ReadEvents',
+                request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsResponse.FromString,
+                _registered_method=True)
+        self.AckEvents = channel.unary_unary(
+                '/ota.shadow.v1.ShadowService/AckEvents',
+                request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ShadowServiceServicer:
@@ -158,6 +168,20 @@ class ShadowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadEvents(self, request, context):
+        """The outbox: every accepted update leaves the delta / documents messages to publish. The
+        MQTT gateway reads them (long poll), publishes them, then acknowledges them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShadowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +234,16 @@ def add_ShadowServiceServicer_to_server(servicer, server):
                     servicer.QueryFleet,
                     request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetRequest.FromString,
                     response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetResponse.SerializeToString,
+            ),
+            'ReadEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadEvents,
+                    request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsRequest.FromString,
+                    response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsResponse.SerializeToString,
+            ),
+            'AckEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckEvents,
+                    request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsRequest.FromString,
+                    response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +516,60 @@ class ShadowService:
             '/ota.shadow.v1.ShadowService/QueryFleet',
             protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetRequest.SerializeToString,
             protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.shadow.v1.ShadowService/ReadEvents',
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsRequest.SerializeToString,
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.ReadEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.shadow.v1.ShadowService/AckEvents',
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsRequest.SerializeToString,
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.AckEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class ShadowServiceStub:
     """
     QueryFleet: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.QueryFleetRequest, _shadow_pb2.QueryFleetResponse]
     """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted."""
+    ReadEvents: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.ReadEventsRequest, _shadow_pb2.ReadEventsResponse]
+    """The outbox: every accepted update leaves the delta / documents messages to publish. The
+    MQTT gateway reads them (long poll), publishes them, then acknowledges them.
+    """
+    AckEvents: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.AckEventsRequest, _shadow_pb2.AckEventsResponse]
 
 @_typing.type_check_only
 class ShadowServiceAsyncStub(ShadowServiceStub):
@@ -82,6 +87,11 @@ class ShadowServiceAsyncStub(ShadowServiceStub):
     """
     QueryFleet: _aio.UnaryUnaryMultiCallable[_shadow_pb2.QueryFleetRequest, _shadow_pb2.QueryFleetResponse]  # type: ignore[assignment]
     """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted."""
+    ReadEvents: _aio.UnaryUnaryMultiCallable[_shadow_pb2.ReadEventsRequest, _shadow_pb2.ReadEventsResponse]  # type: ignore[assignment]
+    """The outbox: every accepted update leaves the delta / documents messages to publish. The
+    MQTT gateway reads them (long poll), publishes them, then acknowledges them.
+    """
+    AckEvents: _aio.UnaryUnaryMultiCallable[_shadow_pb2.AckEventsRequest, _shadow_pb2.AckEventsResponse]  # type: ignore[assignment]
 
 class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -164,5 +174,22 @@ class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shadow_pb2.QueryFleetResponse, _abc.Awaitable[_shadow_pb2.QueryFleetResponse]]:
         """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted."""
+
+    @_abc_1.abstractmethod
+    def ReadEvents(
+        self,
+        request: _shadow_pb2.ReadEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shadow_pb2.ReadEventsResponse, _abc.Awaitable[_shadow_pb2.ReadEventsResponse]]:
+        """The outbox: every accepted update leaves the delta / documents messages to publish. The
+        MQTT gateway reads them (long poll), publishes them, then acknowledges them.
+        """
+
+    @_abc_1.abstractmethod
+    def AckEvents(
+        self,
+        request: _shadow_pb2.AckEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shadow_pb2.AckEventsResponse, _abc.Awaitable[_shadow_pb2.AckEventsResponse]]: ...
 
 def add_ShadowServiceServicer_to_server(servicer: ShadowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
