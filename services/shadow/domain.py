@@ -118,15 +118,42 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# A JSON escape of a lone UTF-16 surrogate: valid JSON text, but no UTF-8 can carry it.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Escapes of characters no store can keep: NUL (PostgreSQL's jsonb refuses it) and UTF-16
+# surrogates (a lone one has no UTF-8 form). Valid JSON text, so looked for after decoding.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def unstorable_text(text: str) -> bool:
+    """A string holding NUL or a lone surrogate, which a document may not contain."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _has_unstorable_text(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if unstorable_text(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parse_json(raw: str | bytes, max_bytes: int, what: str = "document") -> Any:
     """Decode JSON text received from outside, bounded in size.
 
-    Refused: invalid UTF-8 or JSON, NaN, Infinity and numbers that overflow to it, lone
-    surrogates, and nesting deep enough to exhaust the parser's recursion.
+    Refused: invalid UTF-8 or JSON, NaN, Infinity and numbers that overflow to it, NUL
+    characters and lone surrogates, and nesting deep enough to exhaust the parser's recursion.
     """
     try:
         data = raw.encode() if isinstance(raw, str) else raw
@@ -142,11 +169,8 @@ def parse_json(raw: str | bytes, max_bytes: int, what: str = "document") -> Any:
         raise InvalidRequestError(f"{what} is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(data):
-        try:
-            dumps(value).encode()
-        except UnicodeEncodeError:
-            raise InvalidRequestError(f"{what} holds a lone UTF-16 surrogate") from None
+    if _UNSTORABLE_ESCAPE.search(data) and _has_unstorable_text(value):
+        raise InvalidRequestError(f"{what} holds a NUL character or a lone UTF-16 surrogate")
     return value
 
 

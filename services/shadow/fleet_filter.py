@@ -1,8 +1,9 @@
 """Fleet filters: parse `tags.site == "berlin" AND reported.firmware.version != "2.0.0"`.
 
-A filter is a conjunction of comparisons of a dotted path with a JSON literal. The parser and
-`matches` (the reference meaning) are pure; the store compiles the same `Comparison`s to SQL,
-and a test checks the two agree.
+A filter is a conjunction of comparisons of a dotted path with a JSON scalar literal (a string,
+a number, true, false or null; integers within +-2**53 so every database compares them
+exactly). The parser and `matches` (the reference meaning) are pure; the store compiles the
+same `Comparison`s to SQL, and a test checks the two agree.
 
 Meaning: `==` holds when the path exists and equals the literal; `!=` holds when it does not
 (a device that lacks the field is "not equal", which is what a rollout selector wants);
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.shadow.domain import JsonObject, json_equal
+from services.shadow.domain import JsonObject, json_equal, unstorable_text
 from services.shadow.errors import InvalidRequestError
 
 Root = Literal["tags", "desired", "reported"]
@@ -51,7 +52,7 @@ class Comparison:
     root: Root
     path: tuple[str, ...]
     op: Operator
-    value: Any  # a JSON scalar, array or object; None means "absent"
+    value: str | int | float | bool | None  # None means "absent"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,18 @@ def _holds(comparison: Comparison, found: Any) -> bool:
     return equal if comparison.op == "==" else not equal
 
 
+MAX_EXACT_INTEGER = 2**53
+
+
+def _check_literal(value: Any) -> None:
+    if isinstance(value, dict | list):
+        raise InvalidRequestError("filter: compare with a string, number, true, false or null")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_EXACT_INTEGER:
+        raise InvalidRequestError("filter: integers must lie within +-2**53")
+    if isinstance(value, str) and unstorable_text(value):
+        raise InvalidRequestError("filter: a string may not hold NUL or a lone surrogate")
+
+
 def parse_filter(text: str) -> FleetFilter:
     """Parse a filter; an empty text matches every device."""
     if len(text) > MAX_FILTER_CHARS:
@@ -115,6 +128,7 @@ def parse_filter(text: str) -> FleetFilter:
             raise InvalidRequestError(
                 f"filter: expected a JSON value after {match.group(0).strip()!r}"
             ) from None
+        _check_literal(value)
         if root == "tags" and value is not None and not isinstance(value, str):
             raise InvalidRequestError("filter: tags compare with strings")
         op: Operator = "==" if match.group(2) == "==" else "!="

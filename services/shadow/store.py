@@ -377,11 +377,19 @@ class ShadowStore:
                 cast(literal(json.dumps({c.path[0]: c.value})), JSONB)
             )
             return equal if c.op == "==" else not_(equal)
-        found = column.op("#>", return_type=JSONB)(literal(list(c.path), type_=ARRAY(SqlText())))
+
+        def at(path: Sequence[str]) -> ColumnElement[Any]:
+            return column.op("#>", return_type=JSONB)(literal(list(path), type_=ARRAY(SqlText())))
+
+        # `#>` reads a numeric segment as an array index; a filter path names object keys only.
+        found: ColumnElement[bool] = at(c.path).is_not(None)
+        for i, key in enumerate(c.path):
+            if key.lstrip("-").isdigit():
+                found = and_(found, func.jsonb_typeof(at(c.path[:i])) == "object")
         if c.value is None:
-            return found.is_(None) if c.op == "==" else found.is_not(None)
-        value = cast(literal(json.dumps(c.value)), JSONB)
-        return found == value if c.op == "==" else found.is_distinct_from(value)
+            return not_(found) if c.op == "==" else found
+        equal = and_(found, at(c.path) == cast(literal(json.dumps(c.value)), JSONB))
+        return equal if c.op == "==" else not_(equal)
 
     @staticmethod
     def _sqlite_condition(c: Comparison) -> ColumnElement[bool]:
@@ -393,9 +401,12 @@ class ShadowStore:
         if isinstance(c.value, bool):
             equal = json_type == ("true" if c.value else "false")
         else:
+            # The JSON type must match too: json_extract gives the same SQL value for the
+            # number 1 and true, or for an array and a string spelling it.
+            types = ["text"] if isinstance(c.value, str) else ["integer", "real"]
             equal = and_(
-                func.json_extract(column, path) == func.json_extract(json.dumps(c.value), "$"),
-                json_type.not_in(["true", "false"]),
+                json_type.in_(types),
+                func.json_extract(column, path) == literal(c.value),
             )
         if c.op == "==":
             return func.coalesce(equal, false()) == true()
