@@ -59,3 +59,9 @@ class RateLimitedError(ShadowError):
     """The device sent more updates than its rate allows."""
 
     code = 429
+
+
+class BrokerUnavailableError(ShadowError):
+    """The MQTT broker could not create or revoke the device's account; nothing changed."""
+
+    code = 503

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import grpc
 
 from protos.shadow.v1 import shadow_pb2, shadow_pb2_grpc
+from services.broker.dynsec import DynsecAccounts
 from services.common import db
 from services.common.grpc_server import (
     add_health_and_reflection,
@@ -15,6 +17,7 @@ from services.common.grpc_server import (
     new_server,
     run_until_signalled,
 )
+from services.common.mqtt import MqttEndpoint
 from services.shadow.service import ShadowService
 from services.shadow.servicer import ShadowServicer
 from services.shadow.settings import ShadowSettings
@@ -30,7 +33,17 @@ def build_service(settings: ShadowSettings, migrate: bool = True) -> ShadowServi
     engine = db.make_engine(settings.database_url, settings.db_pool_size)
     if migrate:
         db.run_migrations(engine, MIGRATIONS, "alembic_version_shadow")
-    return ShadowService(ShadowStore(engine), settings.limits, settings.max_batch_items)
+    accounts = None
+    if settings.broker_admin_url:
+        accounts = DynsecAccounts(
+            MqttEndpoint.parse(settings.broker_admin_url), "ota-shadow-dynsec"
+        )
+    return ShadowService(
+        ShadowStore(engine),
+        settings.limits,
+        settings.max_batch_items,
+        broker_accounts=accounts,
+    )
 
 
 def create_server(settings: ShadowSettings, service: ShadowService) -> tuple[grpc.Server, int]:

@@ -12,10 +12,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from services.shadow import credentials, domain
 from services.shadow.domain import JsonObject, ShadowLimits, ShadowState, UpdateResult
 from services.shadow.errors import (
+    BrokerUnavailableError,
     DocumentTooLargeError,
     InvalidRequestError,
     ShadowError,
@@ -38,6 +40,14 @@ MAX_EVENT_WAIT_SECONDS = 30.0
 EVENT_POLL_SECONDS = 0.2
 _UNKNOWN_DEVICE_HASH = credentials.hash_password(credentials.new_password())
 MAX_PAGE_SIZE = 1000
+
+
+class BrokerAccounts(Protocol):
+    """The broker's per-device accounts (Mosquitto dynamic security); raises on failure."""
+
+    def add_device(self, device_id: str, password: str) -> None: ...
+
+    def remove_device(self, device_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,10 @@ class ShadowService:
         limits: ShadowLimits | None = None,
         max_batch_items: int = 10_000,
         clock: Callable[[], float] = time.time,
+        broker_accounts: BrokerAccounts | None = None,
     ) -> None:
         self.store = store
+        self.broker_accounts = broker_accounts
         self.limits = limits or ShadowLimits()
         self.max_batch_items = max_batch_items
         self.clock = clock
@@ -106,16 +118,40 @@ class ShadowService:
         domain.validate_device_id(device_id)
         tags = domain.validate_tags(tags)
         password = credentials.new_password()
+
+        def create_broker_account() -> None:
+            if self.broker_accounts is not None:
+                self._on_broker(lambda a: a.add_device(device_id, password))
+
         record = self.store.register_device(
-            device_id, tags, credentials.hash_password(password), int(self.clock() * 1000)
+            device_id,
+            tags,
+            credentials.hash_password(password),
+            int(self.clock() * 1000),
+            before_commit=create_broker_account,
         )
         return record, password
+
+    def _on_broker(self, change: Callable[[BrokerAccounts], None]) -> None:
+        assert self.broker_accounts is not None
+        try:
+            change(self.broker_accounts)
+        except Exception as exc:  # any broker failure: the device change must not commit
+            raise BrokerUnavailableError(f"the MQTT broker refused the change: {exc}") from exc
 
     def get_device(self, device_id: str) -> DeviceRecord:
         return self.store.get_device(domain.validate_device_id(device_id))
 
     def delete_device(self, device_id: str) -> None:
-        self.store.delete_device(domain.validate_device_id(device_id))
+        """Delete a device and revoke its broker account (the broker disconnects it)."""
+
+        def revoke_broker_account() -> None:
+            if self.broker_accounts is not None:
+                self._on_broker(lambda a: a.remove_device(device_id))
+
+        self.store.delete_device(
+            domain.validate_device_id(device_id), before_commit=revoke_broker_account
+        )
 
     def verify_device_credentials(self, device_id: str, password: str) -> bool:
         """True only for a registered device and its own password. An unknown device costs

@@ -15,6 +15,7 @@ from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc as pb_grpc
 from services.shadow import domain
 from services.shadow.errors import (
+    BrokerUnavailableError,
     DeviceExistsError,
     DeviceNotFoundError,
     DocumentTooLargeError,
@@ -36,6 +37,7 @@ STATUS_CODES: dict[type[ShadowError], grpc.StatusCode] = {
     VersionConflictError: grpc.StatusCode.ABORTED,
     DocumentTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BrokerUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 BATCH_STATUS = {

@@ -20,6 +20,9 @@ class ShadowSettings:
     db_pool_size: int = 10
     max_batch_items: int = 10_000
     limits: ShadowLimits = field(default_factory=ShadowLimits)
+    # Mosquitto dynamic-security admin account; unset: no broker accounts to manage (amqtt
+    # asks this service to authenticate devices instead).
+    broker_admin_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ShadowSettings:
@@ -33,6 +36,7 @@ class ShadowSettings:
                 env, "OTA_SHADOW_MAX_BATCH_ITEMS", cls.max_batch_items, 1, 100_000
             ),
             limits=_limits(env),
+            broker_admin_url=env_str(env, "OTA_BROKER_ADMIN_URL", ""),
         )
 
 

@@ -120,8 +120,15 @@ class ShadowStore:
     # --- devices ------------------------------------------------------------------------------
 
     def register_device(
-        self, device_id: str, tags: Mapping[str, str], credential_hash: str, now_ms: int
+        self,
+        device_id: str,
+        tags: Mapping[str, str],
+        credential_hash: str,
+        now_ms: int,
+        before_commit: Callable[[], None] = lambda: None,
     ) -> DeviceRecord:
+        """Insert a device; `before_commit` (e.g. creating its broker account) runs inside the
+        transaction, so if it fails the device is not registered."""
         row = {
             "device_id": device_id,
             "credential_hash": credential_hash,
@@ -136,6 +143,7 @@ class ShadowStore:
         try:
             with self.engine.begin() as conn:
                 conn.execute(devices.insert(), row)
+                before_commit()
         except IntegrityError:
             raise DeviceExistsError(f"device {device_id!r} is already registered") from None
         return DeviceRecord(device_id, dict(tags), now_ms, 0)
@@ -155,11 +163,16 @@ class ShadowStore:
                 select(devices.c.credential_hash).where(devices.c.device_id == device_id)
             ).scalar()
 
-    def delete_device(self, device_id: str) -> None:
+    def delete_device(
+        self, device_id: str, before_commit: Callable[[], None] = lambda: None
+    ) -> None:
+        """Delete a device; `before_commit` (revoking its broker account) runs inside the
+        transaction, so if it fails the device stays."""
         with self.engine.begin() as conn:
             deleted = conn.execute(devices.delete().where(devices.c.device_id == device_id))
-        if deleted.rowcount == 0:
-            raise DeviceNotFoundError(f"no device {device_id!r}")
+            if deleted.rowcount == 0:
+                raise DeviceNotFoundError(f"no device {device_id!r}")
+            before_commit()
 
     def query_devices(
         self, fleet_filter: FleetFilter, after: str, limit: int

@@ -1,0 +1,148 @@
+"""The embedded MQTT broker (amqtt, in-process) with the same accounts and ACL as Mosquitto.
+
+Devices log in with the credentials `RegisterDevice` gave them (checked by the shadow service's
+`AuthenticateDevice`); service accounts (gateways, applications) with passwords whose `$7$`
+hashes are configured here. A device may use only topics under its own `<id>/`
+(`access.device_may_use`). amqtt keeps a session's password, so a device's right to a topic is
+re-checked against the shadow service at most every `recheck_seconds`: a deleted device loses
+its topics within that time (Mosquitto disconnects it at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from protos.shadow.v1 import shadow_pb2 as pb
+from protos.shadow.v1 import shadow_pb2_grpc
+from services.broker.access import device_may_use
+from services.shadow.credentials import verify_password
+
+log = logging.getLogger(__name__)
+
+
+class _DeviceCheck:
+    """Asks the shadow service whether a device's credentials hold, caching answers briefly."""
+
+    def __init__(self, shadow_address: str, recheck_seconds: float) -> None:
+        self.shadow_address = shadow_address
+        self.recheck_seconds = recheck_seconds
+        self._stub: shadow_pb2_grpc.ShadowServiceAsyncStub | None = None
+        self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
+
+    async def authenticated(self, device_id: str, password: str, fresh: bool = False) -> bool:
+        key = (device_id, password)
+        cached = self._answers.get(key)
+        now = time.monotonic()
+        if cached and not fresh and now - cached[1] < self.recheck_seconds:
+            return cached[0]
+        if self._stub is None:
+            channel = grpc.aio.insecure_channel(self.shadow_address)
+            self._stub = shadow_pb2_grpc.ShadowServiceAsyncStub(channel)
+        try:
+            reply = await self._stub.AuthenticateDevice(
+                pb.AuthenticateDeviceRequest(device_id=device_id, password=password), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot check device credentials: %s", exc.code().name)
+            return False
+        if len(self._answers) > 100_000:
+            self._answers.clear()
+        self._answers[key] = (reply.authenticated, now)
+        return reply.authenticated
+
+
+_checks: dict[str, _DeviceCheck] = {}
+
+
+def _device_check(shadow_address: str, recheck_seconds: float) -> _DeviceCheck:
+    """One cache per broker, shared by its auth and topic plugins."""
+    if shadow_address not in _checks:
+        _checks[shadow_address] = _DeviceCheck(shadow_address, recheck_seconds)
+    return _checks[shadow_address]
+
+
+class DeviceAuthPlugin(BaseAuthPlugin):
+    @dataclass
+    class Config:
+        shadow_address: str = "127.0.0.1:50051"
+        service_accounts: dict[str, str] = field(default_factory=dict)  # user -> $7$ hash
+        recheck_seconds: float = 5.0
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.config: DeviceAuthPlugin.Config = context.config
+        self.devices = _device_check(self.config.shadow_address, self.config.recheck_seconds)
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        username, password = session.username, session.password
+        if not username or password is None:
+            return False
+        service_hash = self.config.service_accounts.get(username)
+        if service_hash is not None:
+            return verify_password(password, service_hash)
+        return await self.devices.authenticated(username, password, fresh=True)
+
+
+class DeviceTopicPlugin(BaseTopicPlugin):
+    @dataclass
+    class Config:
+        shadow_address: str = "127.0.0.1:50051"
+        service_accounts: list[str] = field(default_factory=list)
+        recheck_seconds: float = 5.0
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.config: DeviceTopicPlugin.Config = context.config
+        self.devices = _device_check(self.config.shadow_address, self.config.recheck_seconds)
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool | None:
+        if session is None or not topic or not session.username:
+            return False
+        if session.username in self.config.service_accounts:
+            return True
+        if not device_may_use(session.username, topic):
+            return False
+        return await self.devices.authenticated(session.username, session.password or "")
+
+
+def broker_config(
+    host: str, port: int, shadow_address: str, service_accounts: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+        "plugins": {
+            f"{__name__}.DeviceAuthPlugin": {
+                "shadow_address": shadow_address,
+                "service_accounts": service_accounts,
+            },
+            f"{__name__}.DeviceTopicPlugin": {
+                "shadow_address": shadow_address,
+                "service_accounts": list(service_accounts),
+            },
+        },
+    }
+
+
+async def run_broker(config: dict[str, Any], stop: asyncio.Event) -> None:
+    broker = Broker(config)
+    await broker.start()
+    try:
+        await stop.wait()
+    finally:
+        await broker.shutdown()

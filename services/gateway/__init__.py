@@ -1,0 +1,1 @@
+"""The MQTT gateway: the bridge between device topics and the shadow service."""

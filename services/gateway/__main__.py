@@ -1,0 +1,3 @@
+from services.gateway.gateway import main
+
+main()

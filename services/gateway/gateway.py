@@ -1,0 +1,274 @@
+"""The gateway process: one long-lived MQTT connection bridging devices and the shadow service.
+
+Two loops share the connection. The inbound loop takes every device's `<id>/state/update` and
+`<id>/state/get` (as a shared subscription, so several gateways split them), calls the shadow
+service, and answers on `accepted` / `rejected`; one device's messages are served in order,
+different devices' concurrently. The outbox loop reads the delta / documents messages every
+accepted update left (whoever made it: a device, an operator, a rollout batch), publishes them
+pipelined at QoS 1, and acknowledges them only once the broker has them all.
+
+The session is persistent (fixed client id, clean session off), so device messages sent while
+the gateway is down wait in the broker; reconnection is the explicit loop in `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiomqtt
+import grpc
+
+from protos.shadow.v1 import shadow_pb2 as pb
+from protos.shadow.v1 import shadow_pb2_grpc
+from services.gateway import protocol
+from services.gateway.protocol import Inbound, RateLimiter
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# gRPC status -> the shadow protocol's HTTP-like code, when the service sent no `ota-code`.
+FALLBACK_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 403,
+}
+RPC_TIMEOUT = 10.0
+EVENT_WAIT_MS = 5000
+
+
+class KeyedSerializer:
+    """Runs coroutines one at a time per key (a device), any number of keys at once."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Future[None]] = {}
+
+    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        previous = self._tails.get(key)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[key] = done
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            return await work()
+        finally:
+            done.set_result(None)
+            if self._tails.get(key) is done:
+                del self._tails[key]
+
+
+def rejected_code(error: grpc.aio.AioRpcError) -> int:
+    for key, value in error.trailing_metadata() or ():
+        if key == "ota-code" and isinstance(value, str) and value.isdigit():
+            return int(value)
+    return FALLBACK_CODES.get(error.code(), 500)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        shadow: shadow_pb2_grpc.ShadowServiceAsyncStub,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.shadow = shadow
+        self.clock = clock
+        self.limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
+        self._serial = KeyedSerializer()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
+        self.connected = asyncio.Event()
+        self.handled = 0
+        self.published_events = 0
+
+    # --- the connection -----------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        mqtt = self.settings.mqtt
+        return aiomqtt.Client(
+            mqtt.host,
+            mqtt.port,
+            username=mqtt.username,
+            password=mqtt.password,
+            identifier=self.settings.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=False,
+            keepalive=30,
+            max_inflight_messages=self.settings.max_inflight_messages,
+            max_queued_outgoing_messages=0,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, reconnecting with backoff whenever the broker goes away."""
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                async with self._client() as client:
+                    backoff = 0.5
+                    log.info(
+                        "connected to MQTT %s:%d", self.settings.mqtt.host, self.settings.mqtt.port
+                    )
+                    await self._serve(client, stop)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        for topic in protocol.subscriptions(self.settings.shared_group):
+            await client.subscribe(topic, qos=1)
+        self.connected.set()
+        tasks = [
+            asyncio.create_task(self._inbound(client)),
+            asyncio.create_task(self._publish_events(client)),
+            asyncio.create_task(stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise an MqttError so `run` reconnects
+        finally:
+            self.connected.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- device messages ----------------------------------------------------------------------
+
+    async def _inbound(self, client: aiomqtt.Client) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        async for message in client.messages:
+            parsed = protocol.parse_topic(message.topic.value)
+            if parsed is None:
+                continue  # not a device topic we serve; the broker ACL keeps devices in theirs
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            inbound = Inbound(parsed[0], parsed[1], payload)
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve_in_order(client, inbound))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    async def _serve_in_order(self, client: aiomqtt.Client, inbound: Inbound) -> None:
+        try:
+            await self._serial.run(inbound.device_id, lambda: self.handle(client, inbound))
+        except aiomqtt.MqttError:
+            log.warning("could not answer %s: connection lost", inbound.device_id)
+        finally:
+            self._slots.release()
+
+    async def handle(self, client: aiomqtt.Client, inbound: Inbound) -> None:
+        """Serve one device message: checks, the shadow call, the accepted/rejected answer."""
+        device_id, action = inbound.device_id, inbound.action
+        now = self.clock()
+        limit = self.settings.max_payload_bytes
+        token = protocol.client_token_of(inbound.payload, limit)
+        code, message, answer = 0, "", b""
+        if len(inbound.payload) > limit:
+            code, message = 413, f"payload is {len(inbound.payload)} bytes, the limit is {limit}"
+        elif not self.limiter.allow(device_id, now):
+            code, message = 429, "rate limited: too many requests from this device"
+        else:
+            try:
+                answer = await self._call_shadow(inbound, token)
+            except UnicodeDecodeError:
+                code, message = 400, "payload is not UTF-8 JSON"
+            except grpc.aio.AioRpcError as exc:
+                code, message = rejected_code(exc), exc.details() or exc.code().name
+        self.handled += 1
+        if code:
+            body = protocol.rejected_body(code, message, token, now)
+            await client.publish(protocol.reply_topic(device_id, action, "rejected"), body, qos=1)
+        else:
+            await client.publish(protocol.reply_topic(device_id, action, "accepted"), answer, qos=1)
+
+    async def _call_shadow(self, inbound: Inbound, token: str | None) -> bytes:
+        if inbound.action == "update":
+            reply = await self.shadow.UpdateShadow(
+                pb.UpdateShadowRequest(
+                    device_id=inbound.device_id, request_json=inbound.payload.decode()
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+            return reply.accepted_json.encode()
+        shadow = await self.shadow.GetShadow(
+            pb.GetShadowRequest(device_id=inbound.device_id), timeout=RPC_TIMEOUT
+        )
+        if token is None:
+            return shadow.document_json.encode()
+        document = json.loads(shadow.document_json)
+        document["clientToken"] = token  # echoed on get/accepted, as AWS IoT does
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    # --- the outbox ---------------------------------------------------------------------------
+
+    async def _publish_events(self, client: aiomqtt.Client) -> None:
+        after = 0
+        backoff = 0.2
+        settings = self.settings
+        while True:
+            try:
+                reply = await self.shadow.ReadEvents(
+                    pb.ReadEventsRequest(
+                        after_event_id=after,
+                        partition=settings.partition,
+                        partitions=settings.partitions,
+                        limit=settings.events_per_read,
+                        wait_ms=EVENT_WAIT_MS,
+                    ),
+                    timeout=EVENT_WAIT_MS / 1000 + RPC_TIMEOUT,
+                )
+                if not reply.events:
+                    continue
+                await asyncio.gather(*(self._publish_event(client, e) for e in reply.events))
+                after = reply.events[-1].event_id
+                self.published_events += len(reply.events)
+                await self.shadow.AckEvents(
+                    pb.AckEventsRequest(
+                        up_to_event_id=after,
+                        partition=settings.partition,
+                        partitions=settings.partitions,
+                    ),
+                    timeout=RPC_TIMEOUT,
+                )
+                backoff = 0.2
+            except grpc.aio.AioRpcError as exc:
+                log.warning("shadow service: %s; retrying in %.1fs", exc.code().name, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _publish_event(self, client: aiomqtt.Client, event: pb.ShadowEvent) -> None:
+        if event.delta_json:
+            await client.publish(protocol.delta_topic(event.device_id), event.delta_json, qos=1)
+        await client.publish(protocol.documents_topic(event.device_id), event.documents_json, qos=1)
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    async with grpc.aio.insecure_channel(settings.shadow_address) as channel:
+        gateway = Gateway(settings, shadow_pb2_grpc.ShadowServiceAsyncStub(channel))
+        await gateway.run(stop)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = GatewaySettings.from_env()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
