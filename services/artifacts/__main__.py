@@ -1,0 +1,3 @@
+from services.artifacts.server import main
+
+main()
