@@ -228,8 +228,10 @@ class ArtifactStack:
         return grant
 
     def get(self, url: str, device: Device | None, **headers: str) -> httpx.Response:
+        """GET with headers named in Python style: if_range=... sends If-Range."""
         auth = device.auth if device is not None else None
-        return self.http.get(url, auth=auth, headers=headers)
+        sent = {name.replace("_", "-"): value for name, value in headers.items()}
+        return self.http.get(url, auth=auth, headers=sent)
 
 
 def upload_requests(
