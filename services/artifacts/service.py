@@ -239,11 +239,10 @@ class DownloadService:
     def open_download(self, device_id: str, url_secret: str) -> OpenDownload:
         """The checks before a download through a one-time URL; the plane sends the bytes."""
         url_hash = domain.secret_digest(_bounded_secret(url_secret, "download URL"))
-        url = domain.check_url(self.store.get_url(url_hash), device_id, self.clock())
-        try:
-            artifact = self.store.get_artifact(url.artifact_id)
-        except ArtifactNotFoundError:
-            raise ArtifactNotFoundError("the artifact was deleted") from None
+        url, artifact = self.store.get_url_and_artifact(url_hash)
+        domain.check_url(url, device_id, self.clock())
+        if artifact is None:
+            raise ArtifactNotFoundError("the artifact was deleted")
         source = self.storage.download_source(artifact.sha256, self.url_ttl_seconds)
         assert isinstance(source, LocalFile)
         return OpenDownload(url_hash, artifact, source)

@@ -198,14 +198,23 @@ class ArtifactStore:
                 )
         return record
 
-    def get_url(self, url_hash: str) -> UrlRecord | None:
+    def get_url_and_artifact(self, url_hash: str) -> tuple[UrlRecord | None, ArtifactRecord | None]:
+        """A URL and the artifact it names in one query (the download path's only read)."""
+        query = (
+            select(download_urls, artifacts)
+            .select_from(
+                download_urls.outerjoin(
+                    artifacts, artifacts.c.artifact_id == download_urls.c.artifact_id
+                )
+            )
+            .where(download_urls.c.url_hash == url_hash)
+        )
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(download_urls).where(download_urls.c.url_hash == url_hash)
-            ).first()
+            row = conn.execute(query).first()
         if row is None:
-            return None
-        return UrlRecord(row.device_id, row.artifact_id, row.expires_at_ms / 1000, row.completed)
+            return None, None
+        url = UrlRecord(row.device_id, row.artifact_id, row.expires_at_ms / 1000, row.completed)
+        return url, (_record(row) if row.sha256 is not None else None)
 
     def complete_url(self, url_hash: str) -> None:
         with self.engine.begin() as conn:
