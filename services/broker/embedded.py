@@ -47,7 +47,7 @@ class _DeviceCheck:
             return cached[0]
         if self._stub is None:
             channel = grpc.aio.insecure_channel(self.shadow_address)
-            self._stub = shadow_pb2_grpc.ShadowServiceAsyncStub(channel)
+            self._stub = shadow_pb2_grpc.ShadowServiceStub(channel)
         try:
             reply = await self._stub.AuthenticateDevice(
                 pb.AuthenticateDeviceRequest(device_id=device_id, password=password), timeout=5

@@ -214,14 +214,17 @@ class Gateway:
     # --- the outbox ---------------------------------------------------------------------------
 
     async def _publish_events(self, client: aiomqtt.Client) -> None:
-        after = 0
+        """Publish the outbox, oldest first; acknowledge exactly what the broker has taken.
+
+        Every read starts from the oldest unacknowledged event (not from a cursor): an update
+        that commits late can hold a lower id than events already published.
+        """
         backoff = 0.2
         settings = self.settings
         while True:
             try:
                 reply = await self.shadow.ReadEvents(
                     pb.ReadEventsRequest(
-                        after_event_id=after,
                         partition=settings.partition,
                         partitions=settings.partitions,
                         limit=settings.events_per_read,
@@ -232,14 +235,9 @@ class Gateway:
                 if not reply.events:
                     continue
                 await asyncio.gather(*(self._publish_event(client, e) for e in reply.events))
-                after = reply.events[-1].event_id
                 self.published_events += len(reply.events)
                 await self.shadow.AckEvents(
-                    pb.AckEventsRequest(
-                        up_to_event_id=after,
-                        partition=settings.partition,
-                        partitions=settings.partitions,
-                    ),
+                    pb.AckEventsRequest(event_ids=[e.event_id for e in reply.events]),
                     timeout=RPC_TIMEOUT,
                 )
                 backoff = 0.2
@@ -256,7 +254,7 @@ class Gateway:
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     async with grpc.aio.insecure_channel(settings.shadow_address) as channel:
-        gateway = Gateway(settings, shadow_pb2_grpc.ShadowServiceAsyncStub(channel))
+        gateway = Gateway(settings, shadow_pb2_grpc.ShadowServiceStub(channel))
         await gateway.run(stop)
 
 

@@ -43,4 +43,5 @@ shadow_events = Table(
     Column("version", BigInteger, nullable=False),
     Column("delta_json", Text, nullable=True),
     Column("documents_json", Text, nullable=False),
+    sqlite_autoincrement=True,
 )

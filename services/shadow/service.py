@@ -279,11 +279,11 @@ class ShadowService:
                 if self._writes == seen:  # nothing written here since the read
                     self._written.wait(min(remaining, EVENT_POLL_SECONDS))
 
-    def ack_events(self, up_to_id: int, partition: int, partitions: int) -> int:
-        """The publisher has published everything up to `up_to_id`: forget it."""
-        if not 1 <= partitions <= 1024 or not 0 <= partition < partitions:
-            raise InvalidRequestError("partition must be in [0, partitions), partitions 1-1024")
-        return self.store.delete_events(up_to_id, partition, partitions)
+    def ack_events(self, event_ids: Sequence[int]) -> int:
+        """The publisher has published these events: forget them."""
+        if len(event_ids) > MAX_EVENTS_PER_READ:
+            raise InvalidRequestError(f"acknowledge at most {MAX_EVENTS_PER_READ} events a call")
+        return self.store.delete_events(event_ids)
 
     def _notify_written(self) -> None:
         with self._written:

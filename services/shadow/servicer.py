@@ -225,7 +225,5 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
     def AckEvents(
         self, request: pb.AckEventsRequest, context: grpc.ServicerContext
     ) -> pb.AckEventsResponse:
-        deleted = self.service.ack_events(
-            request.up_to_event_id, request.partition, max(request.partitions, 1)
-        )
+        deleted = self.service.ack_events(list(request.event_ids))
         return pb.AckEventsResponse(deleted=deleted)

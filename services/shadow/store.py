@@ -304,12 +304,12 @@ class ShadowStore:
                 for row in conn.execute(query)
             ]
 
-    def delete_events(self, up_to_id: int, partition: int, partitions: int) -> int:
-        """Forget a partition's events up to `up_to_id` once they are published."""
-        statement = shadow_events.delete().where(shadow_events.c.event_id <= up_to_id)
-        if partitions > 1:
-            statement = statement.where(shadow_events.c.bucket % partitions == partition)
+    def delete_events(self, event_ids: Sequence[int]) -> int:
+        """Forget events once they are published."""
+        if not event_ids:
+            return 0
         with self.engine.begin() as conn:
+            statement = shadow_events.delete().where(shadow_events.c.event_id.in_(event_ids))
             return conn.execute(statement).rowcount
 
     def _write_states(self, conn: Connection, states: Sequence[tuple[str, ShadowState]]) -> None:

@@ -76,7 +76,7 @@ def test_a_batch_leaves_one_event_per_applied_item(shadow_server: RunningShadow)
     assert json.loads(last.delta_json)["state"] == {"fw": {"version": "2", "url": "u"}}
 
 
-def test_partitions_split_the_events_and_ack_forgets_only_its_own(
+def test_partitions_split_the_events_and_ack_forgets_only_what_it_names(
     shadow_server: RunningShadow,
 ) -> None:
     ids = [f"dev-{i:03d}" for i in range(40)]
@@ -91,9 +91,8 @@ def test_partitions_split_the_events_and_ack_forgets_only_its_own(
     for p, part in enumerate(parts):
         assert all(bucket_of(e.device_id) % 3 == p for e in part)
 
-    up_to = max(e.event_id for e in parts[0])
     acked = shadow_server.stub.AckEvents(
-        pb.AckEventsRequest(up_to_event_id=up_to, partition=0, partitions=3)
+        pb.AckEventsRequest(event_ids=[e.event_id for e in parts[0]])
     )
     assert acked.deleted == len(parts[0])
     assert read(shadow_server, partition=0, partitions=3) == []
@@ -108,3 +107,14 @@ def test_a_waiting_reader_wakes_up_on_a_write(shadow_server: RunningShadow) -> N
     update(shadow_server, "dev-1", {"state": {"desired": {"a": 1}}})
     reader.join()
     assert [e.device_id for e in got] == ["dev-1"]
+
+
+def test_event_ids_are_never_reused(shadow_server: RunningShadow) -> None:
+    shadow_server.service.register_device("dev-1", {})
+    update(shadow_server, "dev-1", {"state": {"desired": {"a": 1}}})
+    first = read(shadow_server)
+    shadow_server.stub.AckEvents(pb.AckEventsRequest(event_ids=[e.event_id for e in first]))
+    update(shadow_server, "dev-1", {"state": {"desired": {"a": 2}}})
+    second = read(shadow_server, after=first[-1].event_id)
+    assert [e.version for e in second] == [2]
+    assert second[0].event_id > first[-1].event_id

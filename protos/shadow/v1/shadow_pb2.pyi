@@ -756,23 +756,21 @@ Global___ReadEventsResponse: _TypeAlias = ReadEventsResponse  # noqa: Y015
 class AckEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    UP_TO_EVENT_ID_FIELD_NUMBER: _builtins.int
-    PARTITION_FIELD_NUMBER: _builtins.int
-    PARTITIONS_FIELD_NUMBER: _builtins.int
-    up_to_event_id: _builtins.int
-    """Every event of this partition up to and including this id has been published."""
-    partition: _builtins.int
-    partitions: _builtins.int
+    EVENT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The events the reader has published; they are forgotten. Ids, not a range: a transaction
+        that commits late can leave an event with a lower id than one already read.
+        """
+
     def __init__(
         self,
         *,
-        up_to_event_id: _builtins.int = ...,
-        partition: _builtins.int = ...,
-        partitions: _builtins.int = ...,
+        event_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition", "partitions", b"partitions", "up_to_event_id", b"up_to_event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_ids", b"event_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

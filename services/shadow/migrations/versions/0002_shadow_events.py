@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("version", sa.BigInteger, nullable=False),
         sa.Column("delta_json", sa.Text, nullable=True),
         sa.Column("documents_json", sa.Text, nullable=False),
+        sqlite_autoincrement=True,  # never reuse an id, even after every event was deleted
     )
 
 
