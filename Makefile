@@ -6,11 +6,12 @@ PROTO_FILES := $(shell find protos -name '*.proto')
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I. \
   --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 
-.PHONY: help install proto proto-check lint fmt typecheck check test test-unit demo bench clean
+.PHONY: help install proto proto-check lint fmt typecheck check test test-unit demo up down bench clean
 
 help:
 	@echo "make demo   - run the demo on the embedded default (SQLite, no servers)"
 	@echo "make test   - lint, type-check and run every test (needs PostgreSQL at 127.0.0.1:5432)"
+	@echo "make up     - start the stack in the background (.devstack/endpoints.json); make down"
 	@echo "make proto  - regenerate the gRPC code from protos/"
 	@echo "make bench  - run the benchmarks in bench/"
 
@@ -58,6 +59,13 @@ test-unit: install
 
 demo: install
 	$(BIN)/python -m services.demo
+
+# The stack in the background (broker, shadow service, gateway); see .devstack/endpoints.json.
+up: install
+	$(BIN)/python -m services.devstack up
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.devstack down; fi
 
 bench: install
 	$(BIN)/python bench/shadow.py

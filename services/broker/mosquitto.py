@@ -38,12 +38,15 @@ def write_config(
     services: Mapping[str, str],
     devices: Iterable[tuple[str, str]] = (),
     persistence: bool = True,
+    keep_accounts: bool = False,
 ) -> Path:
-    """Write mosquitto.conf and the dynamic-security JSON into `data_dir`; returns the conf."""
+    """Write mosquitto.conf and the dynamic-security JSON into `data_dir`; returns the conf.
+    With `keep_accounts`, an existing dynamic-security file (device accounts) is kept."""
     data_dir.mkdir(parents=True, exist_ok=True)
     dynsec_file = data_dir / "dynamic-security.json"
-    dynsec_file.write_text(json.dumps(dynsec_config(admin, services, devices), indent=1))
-    dynsec_file.chmod(0o600)
+    if not (keep_accounts and dynsec_file.exists()):
+        dynsec_file.write_text(json.dumps(dynsec_config(admin, services, devices), indent=1))
+        dynsec_file.chmod(0o600)
     conf = data_dir / "mosquitto.conf"
     conf.write_text(
         DEPLOY_CONFIG.read_text().format(
