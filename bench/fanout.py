@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -166,8 +167,9 @@ def run_one(n: int, admin_dsn: str, work: Path) -> dict[str, float]:
         engine = db.make_engine(url)
         db.run_migrations(engine, MIGRATIONS, "alembic_version_shadow")
         raw = engine.raw_connection()
+        cursor: Any = raw.cursor()
         with (
-            raw.cursor() as cur,
+            cursor as cur,
             cur.copy(
                 "COPY devices (device_id, credential_hash, tags, created_at_ms, desired, reported,"
                 " shadow_metadata, version, has_shadow) FROM STDIN"
