@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +96,44 @@ class Pacer:
             await self.sleep(wait)
 
 
+class AuthCache:
+    """Devices whose password the shadow service confirmed in the last `ttl` seconds.
+
+    A device calls token, exchange and download (and resumes) in a burst; this spares the
+    shadow service all but the first check (docs/adr/0015). Only successes are kept, as a keyed
+    hash (a per-process random key), never the password; a different password asks again. At
+    most `max_entries` devices, the oldest forgotten first.
+    """
+
+    def __init__(self, ttl: float, clock: Clock, max_entries: int = 100_000) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.max_entries = max_entries
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def _digest(self, credentials: domain.DeviceCredentials) -> bytes:
+        return hmac.digest(self._key, credentials.password.encode(), "sha256")
+
+    def confirmed(self, credentials: domain.DeviceCredentials) -> bool:
+        entry = self._entries.get(credentials.device_id)
+        if entry is None:
+            return False
+        digest, expires_at = entry
+        if self.clock() >= expires_at:
+            del self._entries[credentials.device_id]
+            return False
+        return hmac.compare_digest(digest, self._digest(credentials))
+
+    def remember(self, credentials: domain.DeviceCredentials) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[credentials.device_id] = (self._digest(credentials), self.clock() + self.ttl)
+        self._entries.move_to_end(credentials.device_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
     """Access log lines with the route pattern instead of the path (which holds URL secrets)."""
 
@@ -164,10 +205,12 @@ class DownloadPlane:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         workers: int = 16,
+        auth_cache_seconds: float = 30.0,
     ) -> None:
         self.downloads = downloads
         self.directory = directory
         self.base_url = base_url
+        self.auth_cache = AuthCache(auth_cache_seconds, clock)
         self.slots = DownloadSlots(limits.max_concurrent_downloads)
         self.pacer = (
             Pacer(limits.max_bytes_per_second, clock, sleep)
@@ -194,9 +237,17 @@ class DownloadPlane:
 
     async def _device(self, request: web.Request) -> str:
         credentials = domain.parse_basic_auth(request.headers.get(hdrs.AUTHORIZATION))
-        if not await self.directory.authenticate(credentials):
+        if not await self._authenticate(credentials):
             raise UnauthenticatedError("unknown device or wrong password")
         return credentials.device_id
+
+    async def _authenticate(self, credentials: domain.DeviceCredentials) -> bool:
+        if self.auth_cache.confirmed(credentials):
+            return True
+        if not await self.directory.authenticate(credentials):
+            return False
+        self.auth_cache.remember(credentials)
+        return True
 
     # --- POST /v1/artifacts/{artifact_id}/token ------------------------------------------------
 
@@ -251,7 +302,7 @@ class DownloadPlane:
             )
         )
         try:
-            authenticated = await self.directory.authenticate(credentials)
+            authenticated = await self._authenticate(credentials)
         except BaseException:
             lookup.add_done_callback(_forget)
             raise
@@ -366,6 +417,7 @@ async def start_download_plane(
     base_url: str = "",
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
+    auth_cache_seconds: float = 30.0,
 ) -> RunningPlane:
     """Start serving on `listen` ("host:port"; port 0 picks a free one) in the running loop.
 
@@ -374,7 +426,13 @@ async def start_download_plane(
     host, _, port_text = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     plane = DownloadPlane(
-        downloads, ShadowDirectory(shadow_address), limits, base_url, clock, sleep
+        downloads,
+        ShadowDirectory(shadow_address),
+        limits,
+        base_url,
+        clock,
+        sleep,
+        auth_cache_seconds=auth_cache_seconds,
     )
     runner = web.AppRunner(
         plane.app(), access_log_class=RedactingAccessLogger, handle_signals=False

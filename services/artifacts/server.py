@@ -96,6 +96,7 @@ async def start_plane(settings: ArtifactSettings, downloads: DownloadService) ->
         settings.download_listen,
         PlaneLimits(settings.max_concurrent_downloads, settings.max_bytes_per_second),
         settings.download_base_url,
+        auth_cache_seconds=settings.auth_cache_seconds,
     )
 
 

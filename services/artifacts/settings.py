@@ -39,6 +39,7 @@ class ArtifactSettings:
     url_ttl_seconds: int = 600
     max_concurrent_downloads: int = 100
     max_bytes_per_second: int = 0  # 0 = no cap
+    auth_cache_seconds: int = 30  # 0 = ask the shadow service on every request
 
     def __post_init__(self) -> None:
         if self.storage not in ("local", "s3"):
@@ -77,4 +78,7 @@ class ArtifactSettings:
                 env, "OTA_DOWNLOAD_MAX_CONCURRENT", cls.max_concurrent_downloads, 1, 100_000
             ),
             max_bytes_per_second=env_int(env, "OTA_DOWNLOAD_MAX_BYTES_PER_SECOND", 0, 0, 1 << 40),
+            auth_cache_seconds=env_int(
+                env, "OTA_DOWNLOAD_AUTH_CACHE_SECONDS", cls.auth_cache_seconds, 0, 3600
+            ),
         )

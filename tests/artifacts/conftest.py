@@ -273,6 +273,7 @@ def make_stack(
         pace_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         token_ttl: int = 120,
         url_ttl: int = 600,
+        auth_cache_seconds: float = 30.0,
     ) -> ArtifactStack:
         service = ArtifactService(artifact_store, storage, signer, max_bytes, is_in_use, clock)
         downloads = DownloadService(artifact_store, storage, token_ttl, url_ttl, clock)
@@ -285,6 +286,7 @@ def make_stack(
                 limits or PlaneLimits(),
                 clock=pace_clock,
                 sleep=pace_sleep,
+                auth_cache_seconds=auth_cache_seconds,
             )
         )
         base_url = plane.plane.base_url

@@ -20,8 +20,10 @@ import httpx
 import pytest
 
 from protos.artifacts.v1 import artifacts_pb2 as apb
+from protos.shadow.v1 import shadow_pb2 as spb
 from services.artifacts import signing
-from services.artifacts.download_plane import PlaneLimits
+from services.artifacts.domain import DeviceCredentials
+from services.artifacts.download_plane import AuthCache, PlaneLimits
 from services.artifacts.storage import LocalStorage
 from tests.artifacts.conftest import MIB, ArtifactStack, Device, StackFactory
 
@@ -403,6 +405,55 @@ def test_concurrent_downloads_beyond_the_limit_are_refused(
     in_flight.join(60)
     assert result == [DATA]
     assert stack.get(second_url, second).content == DATA  # the refusal did not use it up
+
+
+# --- the device check cache -------------------------------------------------------------------
+
+
+def delete_device(stack: ArtifactStack, device: Device) -> None:
+    stack.shadow.stub.DeleteDevice(spb.DeleteDeviceRequest(device_id=device.device_id))
+
+
+def test_a_confirmed_device_is_remembered_for_a_short_while(
+    make_stack: StackFactory, local_storage: LocalStorage
+) -> None:
+    pace = VirtualPace()
+    stack = make_stack(local_storage, pace_clock=pace.clock, auth_cache_seconds=30)
+    artifact, device = targeted(stack)
+    url = stack.grant(device, artifact.artifact_id)["url"]
+    # Another password never rides on the cached check.
+    assert_error(stack.get(url, Device(device.device_id, "wrong")), 401, "unauthenticated")
+    # The documented trade-off: a device deleted a moment ago finishes what it started...
+    delete_device(stack, device)
+    pace.now += 29.9
+    assert stack.get(url, device, range="bytes=0-9").status_code == 206
+    # ...for at most the cache's lifetime.
+    pace.now += 0.1
+    assert_error(stack.get(url, device, range="bytes=10-"), 401, "unauthenticated")
+
+
+def test_without_the_cache_every_request_asks_the_shadow_service(
+    make_stack: StackFactory, local_storage: LocalStorage
+) -> None:
+    stack = make_stack(local_storage, auth_cache_seconds=0)
+    artifact, device = targeted(stack)
+    url = stack.grant(device, artifact.artifact_id)["url"]
+    delete_device(stack, device)
+    assert_error(stack.get(url, device), 401, "unauthenticated")
+
+
+def test_the_cache_is_bounded() -> None:
+    now = [0.0]
+    cache = AuthCache(ttl=30, clock=lambda: now[0], max_entries=2)
+    first, second, third = (DeviceCredentials(f"dev-{i}", "pw") for i in range(3))
+    for credentials in (first, second, third):
+        cache.remember(credentials)
+    assert not cache.confirmed(first)
+    assert cache.confirmed(second) and cache.confirmed(third)
+    assert not cache.confirmed(DeviceCredentials("dev-2", "other"))
+    now[0] = 30.0
+    assert not cache.confirmed(third)
+    assert AuthCache(ttl=0, clock=lambda: 0.0).confirmed(first) is False
 
 
 # --- logs ---------------------------------------------------------------------------------------

@@ -71,8 +71,10 @@ def test_settings_from_the_environment() -> None:
             "OTA_DOWNLOAD_MAX_CONCURRENT": "32",
             "OTA_DOWNLOAD_MAX_BYTES_PER_SECOND": "1048576",
             "OTA_ARTIFACTS_MAX_BYTES": "1000",
+            "OTA_DOWNLOAD_AUTH_CACHE_SECONDS": "0",
         }
     )
+    assert settings.auth_cache_seconds == 0
     assert (settings.storage, settings.s3_bucket, settings.url_ttl_seconds) == ("s3", "fleet", 300)
     assert (settings.max_concurrent_downloads, settings.max_bytes_per_second) == (32, 1048576)
     assert settings.max_bytes == 1000
