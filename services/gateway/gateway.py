@@ -45,6 +45,10 @@ FALLBACK_CODES = {
 }
 RPC_TIMEOUT = 10.0
 EVENT_WAIT_MS = 5000
+# Publishes in flight at once from the outbox: enough to pipeline, few enough that aiomqtt's
+# per-call bookkeeping (it scans its pending calls on every publish) stays cheap.
+PUBLISH_WINDOW = 500
+PUBLISH_TIMEOUT = 60.0
 
 
 class KeyedSerializer:
@@ -95,7 +99,7 @@ class Gateway:
 
     def _client(self) -> aiomqtt.Client:
         mqtt = self.settings.mqtt
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             mqtt.host,
             mqtt.port,
             username=mqtt.username,
@@ -107,6 +111,9 @@ class Gateway:
             max_inflight_messages=self.settings.max_inflight_messages,
             max_queued_outgoing_messages=0,
         )
+        # Many publishes in flight are normal here, not a warning sign.
+        client.pending_calls_threshold = PUBLISH_WINDOW + self.settings.max_concurrent_requests
+        return client
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, reconnecting with backoff whenever the broker goes away."""
@@ -234,7 +241,7 @@ class Gateway:
                 )
                 if not reply.events:
                     continue
-                await asyncio.gather(*(self._publish_event(client, e) for e in reply.events))
+                await self._publish_all(client, [m for e in reply.events for m in messages_of(e)])
                 self.published_events += len(reply.events)
                 await self.shadow.AckEvents(
                     pb.AckEventsRequest(event_ids=[e.event_id for e in reply.events]),
@@ -246,10 +253,24 @@ class Gateway:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _publish_event(self, client: aiomqtt.Client, event: pb.ShadowEvent) -> None:
-        if event.delta_json:
-            await client.publish(protocol.delta_topic(event.device_id), event.delta_json, qos=1)
-        await client.publish(protocol.documents_topic(event.device_id), event.documents_json, qos=1)
+    @staticmethod
+    async def _publish_all(client: aiomqtt.Client, messages: list[tuple[str, str]]) -> None:
+        """Publish at QoS 1, a window at a time; returns once the broker acknowledged all."""
+        for start in range(0, len(messages), PUBLISH_WINDOW):
+            await asyncio.gather(
+                *(
+                    client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT)
+                    for topic, payload in messages[start : start + PUBLISH_WINDOW]
+                )
+            )
+
+
+def messages_of(event: pb.ShadowEvent) -> list[tuple[str, str]]:
+    """The MQTT messages announcing one accepted update: its delta (if any), its documents."""
+    messages = [(protocol.documents_topic(event.device_id), event.documents_json)]
+    if event.delta_json:
+        messages.insert(0, (protocol.delta_topic(event.device_id), event.delta_json))
+    return messages
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
