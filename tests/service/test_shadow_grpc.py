@@ -252,6 +252,89 @@ def test_bad_updates_are_rejected_and_change_nothing(
     assert (after["state"], after["version"]) == (before["state"], before["version"])
 
 
+@pytest.mark.parametrize(
+    "request_json",
+    [
+        r'{"state": {"desired": {"a": "\u0000"}}}',
+        r'{"state": {"reported": {"a": "x\u0000y"}}}',
+        r'{"state": {"reported": {"a": {"b": [1, "\u0000"]}}}}',
+        r'{"state": {"desired": {"k\u0000": 1}}}',
+        r'{"state": {"reported": {"a": {"\u0000": "v"}}}}',
+        r'{"state": {"desired": {"a": "\\\u0000"}}}',
+        r'{"state": {"desired": {"a": "\ud800"}}}',
+        r'{"state": {"reported": {"a": ["\udfff"]}}}',
+        r'{"state": {"reported": {"\udc00": 1}}}',
+        r'{"state": {"desired": {"keep": null, "a": "\u0000"}}}',
+    ],
+    ids=[
+        "nul-value",
+        "nul-inside-value",
+        "nul-in-array",
+        "nul-key",
+        "nul-nested-key",
+        "backslash-then-nul",
+        "lone-high-surrogate",
+        "lone-low-surrogate-in-array",
+        "lone-surrogate-key",
+        "nul-beside-a-delete",
+    ],
+)
+def test_nul_and_lone_surrogates_are_invalid_and_store_nothing(
+    shadow_server: RunningShadow, request_json: str
+) -> None:
+    register(shadow_server, "dev-1")
+    update(shadow_server, "dev-1", {"state": {"desired": {"keep": True}}})
+    before = shadow(shadow_server, "dev-1")
+    error = rpc_error(
+        shadow_server.stub.UpdateShadow,
+        pb.UpdateShadowRequest(device_id="dev-1", request_json=request_json),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "NUL" in (error.details() or "")
+    after = shadow(shadow_server, "dev-1")
+    assert (after["state"], after["metadata"], after["version"]) == (
+        before["state"],
+        before["metadata"],
+        before["version"],
+    )
+    device = shadow_server.stub.GetDevice(pb.GetDeviceRequest(device_id="dev-1"))
+    assert device.shadow_version == 1
+    # The shadow still takes good updates, text that only looks like an escape included.
+    good = update(shadow_server, "dev-1", {"state": {"reported": {"path": "C:\\u0000"}}})
+    assert good.version == 2
+    assert shadow(shadow_server, "dev-1")["state"]["reported"] == {"path": "C:\\u0000"}
+
+
+def test_a_batch_item_holding_nul_is_invalid_and_the_others_apply(
+    shadow_server: RunningShadow,
+) -> None:
+    for device_id in ("dev-0", "dev-1"):
+        register(shadow_server, device_id)
+    update(shadow_server, "dev-1", {"state": {"desired": {"keep": 1}}})
+    reply = shadow_server.stub.BatchUpdateDesired(
+        pb.BatchUpdateDesiredRequest(
+            items=[
+                pb.DesiredPatch(device_id="dev-0", desired_json=r'{"a": "\u0000"}'),
+                pb.DesiredPatch(device_id="dev-1", desired_json=r'{"a\u0000": 1}'),
+                pb.DesiredPatch(device_id="dev-1", desired_json=r'{"b": ["\ud800"]}'),
+                pb.DesiredPatch(device_id="dev-1", desired_json='{"c": 2}'),
+                pb.DesiredPatch(device_id="dev-0", desired_json=r'{"d": "\\u0000"}'),
+            ]
+        )
+    )
+    result = pb.BatchItemResult
+    assert [(r.device_id, r.status, r.version) for r in reply.results] == [
+        ("dev-0", result.INVALID, 0),
+        ("dev-1", result.INVALID, 0),
+        ("dev-1", result.INVALID, 0),
+        ("dev-1", result.OK, 2),
+        ("dev-0", result.OK, 1),
+    ]
+    assert all("NUL" in r.message for r in reply.results if r.status == result.INVALID)
+    assert shadow(shadow_server, "dev-0")["state"]["desired"] == {"d": "\\u0000"}
+    assert shadow(shadow_server, "dev-1")["state"]["desired"] == {"keep": 1, "c": 2}
+
+
 def test_a_document_grown_past_the_limit_is_rejected(shadow_server: RunningShadow) -> None:
     register(shadow_server, "dev-1")
     update(shadow_server, "dev-1", {"state": {"desired": {"a": "x" * 5000}}})

@@ -631,13 +631,112 @@ def test_number_literals_that_overflow_to_infinity_are_refused(literal: str) -> 
 def test_whatever_is_accepted_can_be_written_back_as_utf8_json() -> None:
     # A lone surrogate escape is valid JSON text but has no UTF-8 form: accepting it would make
     # the stored document and every later message unwritable.
+    # Decided: such a document is refused.
     raw = b'{"state": {"reported": {"name": "\\ud800"}}}'
-    try:
-        request = parse_update_request(raw, LIMITS)
-    except InvalidRequestError:
-        return
+    with pytest.raises(InvalidRequestError):
+        parse_update_request(raw, LIMITS)
+
+
+# Documents holding a character no store can keep: NUL (PostgreSQL's jsonb has none) or a lone
+# UTF-16 surrogate (no UTF-8 form), as a value, a key, nested in an array, in either section.
+def in_state(section: str, patch: str) -> str:
+    """An update request's JSON text around a section's patch, given as JSON text."""
+    return '{"state": {"' + section + '": ' + patch + "}}"
+
+
+UNSTORABLE_PATCHES = [
+    r'{"a": "\u0000"}',
+    r'{"a": "x\u0000y"}',
+    r'{"a\u0000": 1}',
+    r'{"\u0000": null}',
+    r'{"a": {"b\u0000c": {"d": 1}}}',
+    r'{"a": [1, ["\u0000"]]}',
+    r'{"a": [{"k\u0000": 1}]}',
+    r'{"a": "\\\u0000"}',  # an escaped backslash, then a real NUL escape
+    r'{"a": "\ud800"}',
+    r'{"a": "\uDBFF"}',
+    r'{"a": "\udc00"}',
+    r'{"a": "\uDFFF"}',
+    r'{"a": "x\ud83dy"}',
+    r'{"a": "\ude00\ud83d"}',  # a pair in the wrong order is two lone surrogates
+    r'{"\ud800": 1}',
+    r'{"a": [{"b": "\udfff"}]}',
+]
+
+
+@pytest.mark.parametrize("patch", UNSTORABLE_PATCHES)
+@pytest.mark.parametrize("section", ["desired", "reported"])
+def test_update_requests_holding_nul_or_a_lone_surrogate_are_invalid(
+    patch: str, section: str
+) -> None:
+    raw = in_state(section, patch)
+    for text in (raw, raw.encode()):
+        with pytest.raises(InvalidRequestError, match=r"NUL|surrogate") as info:
+            parse_update_request(text, LIMITS)
+        assert info.value.code == 400
+
+
+@pytest.mark.parametrize("patch", UNSTORABLE_PATCHES)
+def test_desired_patches_holding_nul_or_a_lone_surrogate_are_invalid(patch: str) -> None:
+    for text in (patch, patch.encode()):
+        with pytest.raises(InvalidRequestError, match=r"NUL|surrogate") as info:
+            parse_desired_patch(text, LIMITS)
+        assert info.value.code == 400
+
+
+def test_nul_in_the_client_token_is_invalid() -> None:
+    with pytest.raises(InvalidRequestError):
+        parse_update_request(r'{"state": {"reported": {}}, "clientToken": "t\u0000"}', LIMITS)
+
+
+def test_a_raw_nul_or_lone_surrogate_is_invalid_too() -> None:
+    # Unescaped, NUL is a control character JSON forbids in a string; a lone surrogate in a
+    # Python str has no UTF-8 form.
+    for raw in ('{"a": "\x00"}', '{"a\x00": 1}', '{"a": "\ud800"}', '{"\udfff": 1}'):
+        with pytest.raises(InvalidRequestError):
+            parse_desired_patch(raw, LIMITS)
+        with pytest.raises(InvalidRequestError):
+            parse_update_request(in_state("reported", raw), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("patch", "value"),
+    [
+        # A JSON text holding the six characters \u0000 (an escaped backslash, then u0000).
+        (r'{"a": "\\u0000"}', "\\u0000"),
+        (r'{"a": "x\\u0000y"}', "x\\u0000y"),
+        (r'{"a": "\\\\u0000"}', "\\\\u0000"),
+        (r'{"a": "\\ud800"}', "\\ud800"),
+        (r'{"a": "\\uDFFF"}', "\\uDFFF"),
+        # A surrogate pair is one character, and other control characters are storable.
+        (r'{"a": "\ud83d\ude00"}', "\U0001f600"),
+        (r'{"a": "\uD83D\uDE00"}', "\U0001f600"),
+        (r'{"a": "\u0001"}', "\x01"),
+        (r'{"a": "\u00e9"}', "é"),
+        ('{"a": "\U0001f600"}', "\U0001f600"),
+    ],
+)
+def test_storable_text_near_the_refused_is_accepted(patch: str, value: str) -> None:
+    assert parse_desired_patch(patch, LIMITS) == {"a": value}
+    assert parse_desired_patch(patch.encode(), LIMITS) == {"a": value}
+    request = parse_update_request(in_state("reported", patch), LIMITS)
+    assert request.sections == {"reported": {"a": value}}
+    key_request = parse_update_request(
+        in_state("desired", "{" + json.dumps(value) + ": 1}"), LIMITS
+    )
+    assert key_request.sections == {"desired": {value: 1}}
+    # ... and written back, it reads as the same text.
     result = apply_update(ShadowState(), request, NOW, LIMITS)
-    dumps(shadow_document(result.current, NOW)).encode("utf-8")
+    written = dumps(shadow_document(result.current, NOW)).encode("utf-8")
+    assert json.loads(written)["state"]["reported"] == {"a": value}
+
+
+def test_the_escaped_backslash_u0000_is_accepted_exactly() -> None:
+    raw = '{"state": {"reported": {"path": "C:\\\\u0000"}}}'
+    assert len(json.loads(raw)["state"]["reported"]["path"]) == 8  # C : \ u 0 0 0 0
+    request = parse_update_request(raw, LIMITS)
+    assert request.sections == {"reported": {"path": "C:\\u0000"}}
+    assert "\x00" not in dumps(dict(request.sections))
 
 
 @pytest.mark.parametrize(
@@ -1004,3 +1103,36 @@ def test_prop_documents_round_trip_through_the_parser(
     raw = dumps({"state": {"desired": desired, "reported": reported}}).encode("utf-8")
     request = parse_update_request(raw, ShadowLimits(max_depth=64))
     assert request.sections == {"desired": desired, "reported": reported}
+
+
+def poisoned(value: Any, bad: str, data: st.DataObject) -> Any:
+    """`value` with `bad` put into one of its keys or strings (a leaf of another type becomes a
+    string holding it)."""
+    if isinstance(value, dict) and value:
+        key = data.draw(st.sampled_from(sorted(value)))
+        if data.draw(st.booleans()):
+            rest = {k: v for k, v in value.items() if k != key}
+            return {**rest, key + bad: value[key]}
+        return {**value, key: poisoned(value[key], bad, data)}
+    if isinstance(value, dict):
+        return {bad: 1}
+    if isinstance(value, list) and value:
+        i = data.draw(st.integers(0, len(value) - 1))
+        return [*value[:i], poisoned(value[i], bad, data), *value[i + 1 :]]
+    if isinstance(value, str):
+        cut = data.draw(st.integers(0, len(value)))
+        return value[:cut] + bad + value[cut:]
+    return bad
+
+
+@given(DOCUMENTS, st.sampled_from(["\x00", "\ud800", "\udbff", "\udc00", "\udfff"]), st.data())
+def test_prop_one_unstorable_character_anywhere_refuses_the_whole_document(
+    document: JsonObject, bad: str, data: st.DataObject
+) -> None:
+    patch = poisoned(document, bad, data)
+    section = data.draw(st.sampled_from(["desired", "reported"]))
+    raw = json.dumps({"state": {section: patch}})  # ASCII: the character as a \u escape
+    with pytest.raises(InvalidRequestError, match=r"NUL|surrogate"):
+        parse_update_request(raw, LIMITS)
+    with pytest.raises(InvalidRequestError, match=r"NUL|surrogate"):
+        parse_desired_patch(json.dumps(patch), LIMITS)
