@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -23,7 +24,7 @@ from protos.artifacts.v1 import artifacts_pb2 as apb
 from protos.shadow.v1 import shadow_pb2 as spb
 from services.artifacts import signing
 from services.artifacts.domain import DeviceCredentials
-from services.artifacts.download_plane import AuthCache, PlaneLimits
+from services.artifacts.download_plane import AuthCache, PlaneLimits, start_download_plane
 from services.artifacts.storage import LocalStorage
 from tests.artifacts.conftest import MIB, ArtifactStack, Device, StackFactory
 
@@ -217,6 +218,28 @@ def test_a_token_is_single_use(local_stack: ArtifactStack) -> None:
     assert_error(stack.exchange(device, token), 410, "token_used")
 
 
+def test_a_token_sent_many_times_at_once_is_exchanged_once(local_stack: ArtifactStack) -> None:
+    stack = local_stack
+    artifact, device = targeted(stack)
+    token = stack.token(device, artifact.artifact_id)
+    start = threading.Barrier(8)
+    statuses: list[int] = []
+
+    def exchange() -> None:
+        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+            start.wait()
+            reply = client.post("/v1/downloads", json={"token": token}, auth=device.auth)
+            statuses.append(reply.status_code)
+
+    threads = [threading.Thread(target=exchange) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [200] + [410] * 7
+    assert stack.store.count_rows()["download_urls"] == 1
+
+
 def test_a_token_expires(local_stack: ArtifactStack) -> None:
     stack = local_stack
     artifact, device = targeted(stack)
@@ -405,6 +428,24 @@ def test_concurrent_downloads_beyond_the_limit_are_refused(
     in_flight.join(60)
     assert result == [DATA]
     assert stack.get(second_url, second).content == DATA  # the refusal did not use it up
+
+
+def test_without_the_shadow_service_devices_get_503(
+    local_stack: ArtifactStack, local_storage: LocalStorage
+) -> None:
+    stack = local_stack
+    artifact, device = targeted(stack)
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        dead_address = f"127.0.0.1:{closed.getsockname()[1]}"
+    plane = stack.loop.run(
+        start_download_plane(stack.downloads, dead_address, "127.0.0.1:0", PlaneLimits())
+    )
+    try:
+        url = f"{plane.plane.base_url}/v1/artifacts/{artifact.artifact_id}/token"
+        assert_error(httpx.post(url, auth=device.auth), 503, "upstream_unavailable")
+    finally:
+        stack.loop.run(plane.stop())
 
 
 # --- the device check cache -------------------------------------------------------------------
