@@ -102,6 +102,8 @@ def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
     for key, value in tags.items():
         if not TAG_KEY_PATTERN.fullmatch(key):
             raise InvalidRequestError(f"tag key must be 1-64 characters of [A-Za-z0-9_:-]: {key!r}")
+        if unstorable_text(value):
+            raise InvalidRequestError(f"tag {key!r}: value holds NUL or a lone surrogate")
         if len(value) > MAX_TAG_VALUE_CHARS:
             raise InvalidRequestError(f"tag {key!r}: value over {MAX_TAG_VALUE_CHARS} characters")
     return dict(tags)

@@ -1,7 +1,7 @@
 """Fleet filters: parse `tags.site == "berlin" AND reported.firmware.version != "2.0.0"`.
 
 A filter is a conjunction of comparisons of a dotted path with a JSON scalar literal (a string,
-a number, true, false or null; integers within +-2**53 so every database compares them
+a number, true, false or null; numbers within +-2**53 so every database compares them
 exactly). The parser and `matches` (the reference meaning) are pure; the store compiles the
 same `Comparison`s to SQL, and a test checks the two agree.
 
@@ -94,8 +94,12 @@ MAX_EXACT_INTEGER = 2**53
 def _check_literal(value: Any) -> None:
     if isinstance(value, dict | list):
         raise InvalidRequestError("filter: compare with a string, number, true, false or null")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_EXACT_INTEGER:
-        raise InvalidRequestError("filter: integers must lie within +-2**53")
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (abs(value) > MAX_EXACT_INTEGER)
+    ):
+        raise InvalidRequestError("filter: numbers must lie within +-2**53")
     if isinstance(value, str) and unstorable_text(value):
         raise InvalidRequestError("filter: a string may not hold NUL or a lone surrogate")
 
