@@ -156,9 +156,8 @@ class Storage(abc.ABC):
 class _LocalWriter(BlobWriter):
     def __init__(self, storage: LocalStorage) -> None:
         self._storage = storage
-        fd_path = storage.temp_dir / f"{uuid.uuid4().hex}.part"
-        self._temp = fd_path
-        self._file = open(fd_path, "xb")  # noqa: SIM115 - closed by commit or abort
+        self._temp = storage.temp_dir / f"{uuid.uuid4().hex}.part"
+        self._file = open(self._temp, "xb")  # noqa: SIM115 - closed by commit or abort
 
     def _write(self, chunk: bytes) -> None:
         self._file.write(chunk)
