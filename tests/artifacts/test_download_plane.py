@@ -105,6 +105,25 @@ def test_a_download_resumes_with_range_requests(local_stack: ArtifactStack) -> N
     assert_error(stack.get(url, device), 410, "url_used")
 
 
+def test_an_abandoned_download_does_not_use_the_url_up(
+    local_stack: ArtifactStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = local_stack
+    # More than the socket buffers on both ends can hold (tcp_rmem max 32 MiB + tcp_wmem 4 MiB).
+    data = hashlib.sha256(b"big").digest() * (48 * MIB // 32)
+    artifact, device = targeted(stack, data)
+    url = stack.grant(device, artifact.artifact_id)["url"]
+    with stack.http.stream("GET", url, auth=device.auth) as response:
+        assert response.status_code == 200
+        first = next(response.iter_bytes())
+        assert data.startswith(first)
+    # The device went away after a few bytes: the URL still serves it, in full.
+    whole = stack.get(url, device)
+    assert whole.status_code == 200 and whole.content == data
+    assert_error(stack.get(url, device), 410, "url_used")
+    assert not [r for r in caplog.records if r.getMessage().startswith("unexpected")]
+
+
 def test_a_suffix_range_completes_the_download(local_stack: ArtifactStack) -> None:
     stack = local_stack
     artifact, device = targeted(stack)
