@@ -22,6 +22,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    any_,
     bindparam,
     cast,
     false,
@@ -232,10 +233,14 @@ class ShadowStore:
         ids = sorted(set(device_ids))  # lock in id order so concurrent batches cannot deadlock
         if not ids:
             return set()
+        if self._postgres:  # one array parameter instead of a thousand
+            wanted = devices.c.device_id == any_(literal(ids, type_=ARRAY(SqlText())))
+        else:
+            wanted = devices.c.device_id.in_(ids)
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(*_SHADOW_COLUMNS)
-                .where(devices.c.device_id.in_(ids))
+                .where(wanted)
                 .order_by(devices.c.device_id)
                 .with_for_update()
             ).all()
