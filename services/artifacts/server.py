@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,19 @@ async def serve(settings: ArtifactSettings) -> None:
 
 
 def main() -> None:
+    """`python -m services.artifacts` serves; `python -m services.artifacts resign` re-signs
+    every stored manifest with the configured key (key rotation, docs/adr/0012) and exits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(ArtifactSettings.from_env()))
+    settings = ArtifactSettings.from_env()
+    command = sys.argv[1:]
+    if command == ["resign"]:
+        service = build_services(settings).artifacts
+        count = service.resign()
+        log.info("re-signed %d manifests with key %s", count, service.signer.key_id)
+        return
+    if command:
+        raise SystemExit("usage: python -m services.artifacts [resign]")
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

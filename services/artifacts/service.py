@@ -143,6 +143,23 @@ class ArtifactService:
             self.storage.delete(record.sha256)
         log.info("artifact %s deleted", artifact_id)
 
+    def resign(self) -> int:
+        """Sign every stored manifest that another key signed with the current key (step 3
+        of a key rotation, docs/adr/0012); returns how many were re-signed. The manifest bytes
+        do not change, so a device holding them needs only the new signature."""
+        resigned = 0
+        cursor: domain.Cursor | None = None
+        while True:
+            page = self.store.list_artifacts(None, cursor, MAX_PAGE_SIZE)
+            for record in page:
+                if record.key_id != self.signer.key_id:
+                    signature = self.signer.sign(record.manifest.encode())
+                    self.store.update_signature(record.artifact_id, signature, self.signer.key_id)
+                    resigned += 1
+            if len(page) < MAX_PAGE_SIZE:
+                return resigned
+            cursor = domain.Cursor(page[-1].created_at_ms, page[-1].artifact_id)
+
     def _drop_blob_if_unreferenced(self, sha256: str) -> None:
         try:
             if not self.store.blob_in_use(sha256):

@@ -137,6 +137,14 @@ class ArtifactStore:
             ).scalar_one()
         return _record(row), others == 0
 
+    def update_signature(self, artifact_id: str, signature: bytes, key_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(artifacts)
+                .where(artifacts.c.artifact_id == artifact_id)
+                .values(signature=signature, key_id=key_id)
+            )
+
     def blob_in_use(self, sha256: str) -> bool:
         with self.engine.connect() as conn:
             found = conn.execute(

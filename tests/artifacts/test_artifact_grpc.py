@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.artifacts.v1 import artifacts_pb2 as apb
 from services.artifacts import signing
+from services.artifacts.service import ArtifactService
 from services.artifacts.storage import LocalStorage, S3Storage, Storage
 from tests.artifacts.conftest import MIB, ArtifactStack, StackFactory, upload_requests
 
@@ -312,3 +314,18 @@ def test_signing_key_and_health(stack: ArtifactStack) -> None:
     health = health_pb2_grpc.HealthStub(stack.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="ota.artifacts.v1.ArtifactService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_resign_moves_every_manifest_to_the_new_key(stack: ArtifactStack, tmp_path: Path) -> None:
+    old = [stack.upload(DATA, version=f"1.0.{i}") for i in range(3)]
+    new_signer = signing.load_or_create(tmp_path / "rotated.pem")
+    rotated = ArtifactService(stack.store, stack.storage, new_signer, MIB)
+    assert rotated.resign() == 3
+    assert rotated.resign() == 0  # already done
+    for before in old:
+        after = stack.stub.GetArtifact(apb.GetArtifactRequest(artifact_id=before.artifact_id))
+        assert after.manifest_json == before.manifest_json
+        assert after.key_id == new_signer.key_id != before.key_id
+        assert signing.verify(
+            new_signer.public_key_raw, after.manifest_json.encode(), after.signature
+        )

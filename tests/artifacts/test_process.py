@@ -1,6 +1,6 @@
 """End to end: `python -m services.artifacts` as a process, configured only by environment
 variables, serving gRPC and the download plane on free ports next to the real shadow service,
-and stopping cleanly on SIGTERM."""
+stopping cleanly on SIGTERM; and its `resign` command."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Process:
     grpc_port: int
     http_port: int
     log: list[bytes]
+    env: dict[str, str]
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def artifact_process(shadow_server: RunningShadow, tmp_path: Path) -> Iterator[P
             log.append(line)
             ready = READY.search(line)
             if ready:
-                yield Process(proc, int(ready.group(1)), int(ready.group(2)), log)
+                yield Process(proc, int(ready.group(1)), int(ready.group(2)), log, env)
                 break
         else:
             pytest.fail(b"".join(log).decode(errors="replace"))
@@ -125,3 +126,15 @@ def test_the_process_serves_both_planes_and_stops_on_sigterm(
     logged = b"".join(rest).decode(errors="replace")
     assert password not in logged and token not in logged and url not in logged
     assert "GET /v1/downloads/{url_id} 200" in logged
+
+    # Key rotation, step 3: the same database, a new key.
+    rotate = {**artifact_process.env, "OTA_SIGNING_KEY_PATH": str(tmp_path / "new-key.pem")}
+    resigned = subprocess.run(
+        [sys.executable, "-m", "services.artifacts", "resign"],
+        cwd=REPO_ROOT,
+        env=rotate,
+        capture_output=True,
+        timeout=60,
+    )
+    assert resigned.returncode == 0, resigned.stderr
+    assert b"re-signed 1 manifests" in resigned.stderr
