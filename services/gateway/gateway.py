@@ -1,11 +1,12 @@
 """The gateway process: one long-lived MQTT connection bridging devices and the shadow service.
 
 Two loops share the connection. The inbound loop takes every device's `<id>/state/update` and
-`<id>/state/get` (as a shared subscription, so several gateways split them), calls the shadow
-service, and answers on `accepted` / `rejected`; one device's messages are served in order,
-different devices' concurrently. The outbox loop reads the delta / documents messages every
-accepted update left (whoever made it: a device, an operator, a rollout batch), publishes them
-pipelined at QoS 1, and acknowledges them only once the broker has them all.
+`<id>/state/get` (as a shared subscription, so several gateways split them) and answers them
+in batches: one `BatchUpdateShadow` call for the updates a burst brought, then `accepted` /
+`rejected` for each in arrival order, so one device's messages are answered in order. The
+outbox loop reads the delta / documents messages every accepted update left (whoever made it:
+a device, an operator, a rollout batch), publishes them pipelined at QoS 1, and acknowledges
+them only once the broker has them all.
 
 The session is persistent (fixed client id, clean session off), so device messages sent while
 the gateway is down wait in the broker; reconnection is the explicit loop in `run`.
@@ -19,8 +20,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
 
 import aiomqtt
 import grpc
@@ -32,7 +32,6 @@ from services.gateway.protocol import Inbound, RateLimiter
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # gRPC status -> the shadow protocol's HTTP-like code, when the service sent no `ota-code`.
 FALLBACK_CODES = {
@@ -42,6 +41,8 @@ FALLBACK_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.UNAUTHENTICATED: 403,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
 RPC_TIMEOUT = 10.0
 EVENT_WAIT_MS = 5000
@@ -49,26 +50,11 @@ EVENT_WAIT_MS = 5000
 # per-call bookkeeping (it scans its pending calls on every publish) stays cheap.
 PUBLISH_WINDOW = 500
 PUBLISH_TIMEOUT = 60.0
-
-
-class KeyedSerializer:
-    """Runs coroutines one at a time per key (a device), any number of keys at once."""
-
-    def __init__(self) -> None:
-        self._tails: dict[str, asyncio.Future[None]] = {}
-
-    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
-        previous = self._tails.get(key)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tails[key] = done
-        try:
-            if previous is not None:
-                await asyncio.shield(previous)
-            return await work()
-        finally:
-            done.set_result(None)
-            if self._tails.get(key) is done:
-                del self._tails[key]
+# Device messages go to the shadow service in batches: up to MAX_BATCH per call, gathered for
+# BATCH_LINGER_SECONDS; reading from the broker pauses while MAX_PENDING wait.
+MAX_BATCH = 500
+BATCH_LINGER_SECONDS = 0.005
+MAX_PENDING = 5000
 
 
 def rejected_code(error: grpc.aio.AioRpcError) -> int:
@@ -89,8 +75,6 @@ class Gateway:
         self.shadow = shadow
         self.clock = clock
         self.limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
-        self._serial = KeyedSerializer()
-        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.connected = asyncio.Event()
         self.handled = 0
         self.published_events = 0
@@ -112,7 +96,7 @@ class Gateway:
             max_queued_outgoing_messages=0,
         )
         # Many publishes in flight are normal here, not a warning sign.
-        client.pending_calls_threshold = PUBLISH_WINDOW + self.settings.max_concurrent_requests
+        client.pending_calls_threshold = 2 * PUBLISH_WINDOW
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -155,62 +139,118 @@ class Gateway:
     # --- device messages ----------------------------------------------------------------------
 
     async def _inbound(self, client: aiomqtt.Client) -> None:
-        pending: set[asyncio.Task[None]] = set()
-        async for message in client.messages:
-            parsed = protocol.parse_topic(message.topic.value)
-            if parsed is None:
-                continue  # not a device topic we serve; the broker ACL keeps devices in theirs
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            inbound = Inbound(parsed[0], parsed[1], payload)
-            await self._slots.acquire()
-            task = asyncio.create_task(self._serve_in_order(client, inbound))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
-    async def _serve_in_order(self, client: aiomqtt.Client, inbound: Inbound) -> None:
+        """Collect device messages in arrival order; `_serve_batches` answers them in batches."""
+        pending: list[Inbound] = []
+        arrived = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        server = asyncio.create_task(self._serve_batches(client, pending, arrived, room))
         try:
-            await self._serial.run(inbound.device_id, lambda: self.handle(client, inbound))
-        except aiomqtt.MqttError:
-            log.warning("could not answer %s: connection lost", inbound.device_id)
+            async for message in client.messages:
+                parsed = protocol.parse_topic(message.topic.value)
+                if parsed is None:
+                    continue  # not a device topic we serve; the broker ACL keeps devices in theirs
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                pending.append(Inbound(parsed[0], parsed[1], payload))
+                arrived.set()
+                if len(pending) >= MAX_PENDING:  # back-pressure: stop reading for a moment
+                    room.clear()
+                    await room.wait()
+                if server.done():
+                    server.result()  # an MqttError while answering: reconnect
         finally:
-            self._slots.release()
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
 
-    async def handle(self, client: aiomqtt.Client, inbound: Inbound) -> None:
-        """Serve one device message: checks, the shadow call, the accepted/rejected answer."""
-        device_id, action = inbound.device_id, inbound.action
+    async def _serve_batches(
+        self,
+        client: aiomqtt.Client,
+        pending: list[Inbound],
+        arrived: asyncio.Event,
+        room: asyncio.Event,
+    ) -> None:
+        """One batch at a time, so one device's messages are answered in order."""
+        while True:
+            await arrived.wait()
+            await asyncio.sleep(BATCH_LINGER_SECONDS)  # let a burst gather into one call
+            batch = pending[:MAX_BATCH]
+            del pending[:MAX_BATCH]
+            if not pending:
+                arrived.clear()
+            room.set()
+            await self._publish_all(client, await self.answer(batch))
+
+    async def answer(self, batch: list[Inbound]) -> list[tuple[str, str | bytes]]:
+        """The accepted / rejected message for each device message of a batch, in order.
+
+        Updates go to the shadow service in one `BatchUpdateShadow` call, gets (rare: a device
+        resyncing) as concurrent `GetShadow` calls after them.
+        """
         now = self.clock()
         limit = self.settings.max_payload_bytes
-        token = protocol.client_token_of(inbound.payload, limit)
-        code, message, answer = 0, "", b""
-        if len(inbound.payload) > limit:
-            code, message = 413, f"payload is {len(inbound.payload)} bytes, the limit is {limit}"
-        elif not self.limiter.allow(device_id, now):
-            code, message = 429, "rate limited: too many requests from this device"
-        else:
-            try:
-                answer = await self._call_shadow(inbound, token)
-            except UnicodeDecodeError:
-                code, message = 400, "payload is not UTF-8 JSON"
-            except grpc.aio.AioRpcError as exc:
-                code, message = rejected_code(exc), exc.details() or exc.code().name
-        self.handled += 1
-        if code:
-            body = protocol.rejected_body(code, message, token, now)
-            await client.publish(protocol.reply_topic(device_id, action, "rejected"), body, qos=1)
-        else:
-            await client.publish(protocol.reply_topic(device_id, action, "accepted"), answer, qos=1)
+        answers: list[tuple[str, str | bytes]] = []
+        updates: list[tuple[int, Inbound]] = []
+        gets: list[tuple[int, Inbound]] = []
+        tokens = [protocol.client_token_of(item.payload, limit) for item in batch]
 
-    async def _call_shadow(self, inbound: Inbound, token: str | None) -> bytes:
-        if inbound.action == "update":
-            reply = await self.shadow.UpdateShadow(
-                pb.UpdateShadowRequest(
-                    device_id=inbound.device_id, request_json=inbound.payload.decode()
-                ),
-                timeout=RPC_TIMEOUT,
+        def reject(index: int, code: int, message: str) -> None:
+            item = batch[index]
+            body = protocol.rejected_body(code, message, tokens[index], now)
+            answers[index] = (protocol.reply_topic(item.device_id, item.action, "rejected"), body)
+
+        def accept(index: int, body: str | bytes) -> None:
+            item = batch[index]
+            answers[index] = (protocol.reply_topic(item.device_id, item.action, "accepted"), body)
+
+        for index, item in enumerate(batch):
+            answers.append(("", b""))
+            if len(item.payload) > limit:
+                reject(index, 413, f"payload is {len(item.payload)} bytes, the limit is {limit}")
+            elif not self.limiter.allow(item.device_id, now):
+                reject(index, 429, "rate limited: too many requests from this device")
+            elif item.action == "get":
+                gets.append((index, item))
+            elif not _is_utf8(item.payload):
+                reject(index, 400, "payload is not UTF-8 JSON")
+            else:
+                updates.append((index, item))
+        if updates:
+            request = pb.BatchUpdateShadowRequest(
+                items=[
+                    pb.ShadowUpdate(device_id=item.device_id, request_json=item.payload.decode())
+                    for _, item in updates
+                ]
             )
-            return reply.accepted_json.encode()
+            try:
+                reply = await self.shadow.BatchUpdateShadow(request, timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                for index, _ in updates:
+                    reject(index, rejected_code(exc), exc.details() or exc.code().name)
+            else:
+                for (index, _), result in zip(updates, reply.results, strict=True):
+                    if result.code == 200:
+                        accept(index, result.accepted_json)
+                    else:
+                        reject(index, result.code, result.message)
+        if gets:
+            documents = await asyncio.gather(
+                *(self._get(item.device_id, tokens[index]) for index, item in gets),
+                return_exceptions=True,
+            )
+            for (index, _), document in zip(gets, documents, strict=True):
+                if isinstance(document, grpc.aio.AioRpcError):
+                    reject(index, rejected_code(document), document.details() or "")
+                elif isinstance(document, BaseException):
+                    raise document
+                else:
+                    accept(index, document)
+        self.handled += len(batch)
+        return answers
+
+    async def _get(self, device_id: str, token: str | None) -> bytes:
         shadow = await self.shadow.GetShadow(
-            pb.GetShadowRequest(device_id=inbound.device_id), timeout=RPC_TIMEOUT
+            pb.GetShadowRequest(device_id=device_id), timeout=RPC_TIMEOUT
         )
         if token is None:
             return shadow.document_json.encode()
@@ -254,7 +294,9 @@ class Gateway:
                 backoff = min(backoff * 2, 5.0)
 
     @staticmethod
-    async def _publish_all(client: aiomqtt.Client, messages: list[tuple[str, str]]) -> None:
+    async def _publish_all(
+        client: aiomqtt.Client, messages: Sequence[tuple[str, str | bytes]]
+    ) -> None:
         """Publish at QoS 1, a window at a time; returns once the broker acknowledged all."""
         for start in range(0, len(messages), PUBLISH_WINDOW):
             await asyncio.gather(
@@ -265,9 +307,19 @@ class Gateway:
             )
 
 
-def messages_of(event: pb.ShadowEvent) -> list[tuple[str, str]]:
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def messages_of(event: pb.ShadowEvent) -> list[tuple[str, str | bytes]]:
     """The MQTT messages announcing one accepted update: its delta (if any), its documents."""
-    messages = [(protocol.documents_topic(event.device_id), event.documents_json)]
+    messages: list[tuple[str, str | bytes]] = [
+        (protocol.documents_topic(event.device_id), event.documents_json)
+    ]
     if event.delta_json:
         messages.insert(0, (protocol.delta_topic(event.device_id), event.delta_json))
     return messages

@@ -24,7 +24,6 @@ class GatewaySettings:
     max_payload_bytes: int = 16384
     rate_per_second: float = 20.0
     rate_burst: float = 20.0
-    max_concurrent_requests: int = 256
     max_inflight_messages: int = 1000
     events_per_read: int = 2000
 

@@ -18,6 +18,7 @@ from services.shadow import credentials, domain
 from services.shadow.domain import JsonObject, ShadowLimits, ShadowState, UpdateResult
 from services.shadow.errors import (
     BrokerUnavailableError,
+    DeviceNotFoundError,
     DocumentTooLargeError,
     InvalidRequestError,
     ShadowError,
@@ -218,22 +219,62 @@ class ShadowService:
         Items are independent: a bad or conflicting item gets its own result and the others
         still apply. Several items for one device apply in request order.
         """
-        if len(items) > self.max_batch_items:
-            raise InvalidRequestError(
-                f"a batch holds at most {self.max_batch_items} items, got {len(items)}"
-            )
-        results: list[ItemResult | None] = [None] * len(items)
-        requests: dict[str, list[tuple[int, domain.UpdateRequest]]] = {}
-        for index, item in enumerate(items):
+        self._check_batch_size(len(items))
+        entries: list[tuple[str, domain.UpdateRequest | ShadowError]] = []
+        for item in items:
             try:
                 domain.validate_device_id(item.device_id)
                 patch = domain.parse_desired_patch(item.desired_json, self.limits)
                 token = domain.parse_client_token(item.client_token or None, self.limits)
             except ShadowError as exc:
-                results[index] = _failure(item.device_id, exc)
+                entries.append((item.device_id, exc))
                 continue
-            request = domain.UpdateRequest({"desired": patch}, item.expected_version, token)
-            requests.setdefault(item.device_id, []).append((index, request))
+            entries.append(
+                (
+                    item.device_id,
+                    domain.UpdateRequest({"desired": patch}, item.expected_version, token),
+                )
+            )
+        return [
+            ItemResult(device_id, "OK", outcome.current.version)
+            if isinstance(outcome, UpdateResult)
+            else _failure(device_id, outcome)
+            for (device_id, _), outcome in zip(entries, self._apply_batch(entries), strict=True)
+        ]
+
+    def batch_update(
+        self, items: Sequence[tuple[str, str | bytes]]
+    ) -> list[UpdateResult | ShadowError]:
+        """Apply many whole update requests (device id, AWS update document) in one
+        transaction: what the gateway sends for the device messages it collected. Each item
+        gets its result or its own error; the others still apply, in order per device."""
+        self._check_batch_size(len(items))
+        entries: list[tuple[str, domain.UpdateRequest | ShadowError]] = []
+        for device_id, request_json in items:
+            try:
+                domain.validate_device_id(device_id)
+                entries.append((device_id, domain.parse_update_request(request_json, self.limits)))
+            except ShadowError as exc:
+                entries.append((device_id, exc))
+        return self._apply_batch(entries)
+
+    def _check_batch_size(self, count: int) -> None:
+        if count > self.max_batch_items:
+            raise InvalidRequestError(
+                f"a batch holds at most {self.max_batch_items} items, got {count}"
+            )
+
+    def _apply_batch(
+        self, entries: Sequence[tuple[str, domain.UpdateRequest | ShadowError]]
+    ) -> list[UpdateResult | ShadowError]:
+        outcomes: list[UpdateResult | ShadowError] = [
+            request if isinstance(request, ShadowError) else DeviceNotFoundError("")
+            for _, request in entries
+        ]
+        requests: dict[str, list[tuple[int, domain.UpdateRequest]]] = {}
+        for index, (device_id, request) in enumerate(entries):
+            if not isinstance(request, ShadowError):
+                requests.setdefault(device_id, []).append((index, request))
         now = self.clock()
 
         def change(device_id: str, state: ShadowState) -> ShadowWrite | None:
@@ -242,19 +283,19 @@ class ShadowService:
                 try:
                     result = domain.apply_update(state, request, now, self.limits)
                 except ShadowError as exc:
-                    results[index] = _failure(device_id, exc)
+                    outcomes[index] = exc
                     continue
                 state = result.current
                 events.append(announce(device_id, result))
-                results[index] = ItemResult(device_id, "OK", state.version)
+                outcomes[index] = result
             return ShadowWrite(state, events) if events else None
 
         found = self.store.modify_shadows(requests, change)
         self._notify_written()
         for device_id in requests.keys() - found:
             for index, _ in requests[device_id]:
-                results[index] = ItemResult(device_id, "NOT_FOUND", 0, f"no device {device_id!r}")
-        return [result for result in results if result is not None]
+                outcomes[index] = DeviceNotFoundError(f"no device {device_id!r}")
+        return outcomes
 
     # --- the outbox ---------------------------------------------------------------------------
 
@@ -306,5 +347,7 @@ def announce(device_id: str, result: UpdateResult) -> OutboxEvent:
 def _failure(device_id: str, exc: ShadowError) -> ItemResult:
     if isinstance(exc, VersionConflictError):
         return ItemResult(device_id, "VERSION_CONFLICT", exc.current_version, str(exc))
+    if isinstance(exc, DeviceNotFoundError):
+        return ItemResult(device_id, "NOT_FOUND", 0, str(exc))
     status = "TOO_LARGE" if isinstance(exc, DocumentTooLargeError) else "INVALID"
     return ItemResult(device_id, status, 0, str(exc))

@@ -186,6 +186,32 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         )
 
     @translate_errors
+    def BatchUpdateShadow(
+        self, request: pb.BatchUpdateShadowRequest, context: grpc.ServicerContext
+    ) -> pb.BatchUpdateShadowResponse:
+        outcomes = self.service.batch_update(
+            [(item.device_id, item.request_json) for item in request.items]
+        )
+        results = []
+        for item, outcome in zip(request.items, outcomes, strict=True):
+            if isinstance(outcome, ShadowError):
+                results.append(
+                    pb.ShadowUpdateResult(
+                        device_id=item.device_id, code=outcome.code, message=str(outcome)
+                    )
+                )
+            else:
+                results.append(
+                    pb.ShadowUpdateResult(
+                        device_id=item.device_id,
+                        code=200,
+                        accepted_json=domain.dumps(outcome.accepted),
+                        version=outcome.current.version,
+                    )
+                )
+        return pb.BatchUpdateShadowResponse(results=results)
+
+    @translate_errors
     def QueryFleet(
         self, request: pb.QueryFleetRequest, context: grpc.ServicerContext
     ) -> pb.QueryFleetResponse:

@@ -452,3 +452,40 @@ def test_health_and_reflection(shadow_server: RunningShadow) -> None:
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert "ota.shadow.v1.ShadowService" in names
     assert "grpc.health.v1.Health" in names
+
+
+def test_batch_update_shadow_answers_each_request_like_update_shadow(
+    shadow_server: RunningShadow,
+) -> None:
+    register(shadow_server, "dev-0")
+    register(shadow_server, "dev-1")
+    items = [
+        ("dev-0", {"state": {"reported": {"a": 1}}, "clientToken": "c0"}),
+        ("dev-0", {"state": {"desired": {"a": 2}}, "version": 1}),
+        ("dev-0", {"state": {"desired": {"a": 3}}, "version": 1}),
+        ("dev-1", {"state": {"desired": 5}}),
+        ("ghost", {"state": {"reported": {"a": 1}}}),
+        ("a/b", {"state": {"reported": {"a": 1}}}),
+        ("dev-1", {"state": {"reported": {"x": "y" * 9000}}}),
+        ("dev-1", {"state": {"reported": {"ok": True}}}),
+    ]
+    reply = shadow_server.stub.BatchUpdateShadow(
+        pb.BatchUpdateShadowRequest(
+            items=[pb.ShadowUpdate(device_id=d, request_json=json.dumps(r)) for d, r in items]
+        )
+    )
+    assert [(r.device_id, r.code, r.version) for r in reply.results] == [
+        ("dev-0", 200, 1),
+        ("dev-0", 200, 2),
+        ("dev-0", 409, 0),
+        ("dev-1", 400, 0),
+        ("ghost", 404, 0),
+        ("a/b", 400, 0),
+        ("dev-1", 413, 0),
+        ("dev-1", 200, 1),
+    ]
+    first = json.loads(reply.results[0].accepted_json)
+    assert first["clientToken"] == "c0" and first["state"] == {"reported": {"a": 1}}
+    assert all(r.message for r in reply.results if r.code != 200)
+    assert shadow(shadow_server, "dev-0")["state"]["desired"] == {"a": 2}
+    assert shadow(shadow_server, "dev-1")["state"] == {"reported": {"ok": True}}

@@ -606,6 +606,105 @@ class BatchUpdateDesiredResponse(_message.Message):
 Global___BatchUpdateDesiredResponse: _TypeAlias = BatchUpdateDesiredResponse  # noqa: Y015
 
 @_typing.final
+class ShadowUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_JSON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    request_json: _builtins.str
+    """The AWS update request document, as in UpdateShadowRequest."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        request_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "request_json", b"request_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowUpdate: _TypeAlias = ShadowUpdate  # noqa: Y015
+
+@_typing.final
+class BatchUpdateShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowUpdate]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ShadowUpdate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateShadowRequest: _TypeAlias = BatchUpdateShadowRequest  # noqa: Y015
+
+@_typing.final
+class ShadowUpdateResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_JSON_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    code: _builtins.int
+    """200 when accepted, else the shadow protocol's rejected code (400, 404, 409, 413)."""
+    message: _builtins.str
+    """The reason, when rejected."""
+    accepted_json: _builtins.str
+    """The <id>/state/update/accepted document, when accepted."""
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        accepted_json: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_json", b"accepted_json", "code", b"code", "device_id", b"device_id", "message", b"message", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowUpdateResult: _TypeAlias = ShadowUpdateResult  # noqa: Y015
+
+@_typing.final
+class BatchUpdateShadowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowUpdateResult]:
+        """One result per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ShadowUpdateResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateShadowResponse: _TypeAlias = BatchUpdateShadowResponse  # noqa: Y015
+
+@_typing.final
 class QueryFleetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

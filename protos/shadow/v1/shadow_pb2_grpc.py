@@ -79,6 +79,11 @@ class ShadowServiceStub:
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredRequest.SerializeToString,
                 response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredResponse.FromString,
                 _registered_method=True)
+        self.BatchUpdateShadow = channel.unary_unary(
+                '/ota.shadow.v1.ShadowService/BatchUpdateShadow',
+                request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowRequest.SerializeToString,
+                response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowResponse.FromString,
+                _registered_method=True)
         self.QueryFleet = channel.unary_unary(
                 '/ota.shadow.v1.ShadowService/QueryFleet',
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.QueryFleetRequest.SerializeToString,
@@ -161,6 +166,14 @@ class ShadowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchUpdateShadow(self, request, context):
+        """Applies many whole update requests (what devices publish to <id>/state/update) in one
+        transaction, with a result per item: the gateway's path for the messages it collects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryFleet(self, request, context):
         """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted.
         """
@@ -229,6 +242,11 @@ def add_ShadowServiceServicer_to_server(servicer, server):
                     servicer.BatchUpdateDesired,
                     request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredRequest.FromString,
                     response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredResponse.SerializeToString,
+            ),
+            'BatchUpdateShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateShadow,
+                    request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowRequest.FromString,
+                    response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowResponse.SerializeToString,
             ),
             'QueryFleet': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryFleet,
@@ -489,6 +507,33 @@ class ShadowService:
             '/ota.shadow.v1.ShadowService/BatchUpdateDesired',
             protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredRequest.SerializeToString,
             protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateDesiredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.shadow.v1.ShadowService/BatchUpdateShadow',
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowRequest.SerializeToString,
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchUpdateShadowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class ShadowServiceStub:
     """Merges a desired patch into many devices' shadows in one transaction, with a result per
     item. This is the rollout fan-out path: never one RPC per device.
     """
+    BatchUpdateShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateShadowRequest, _shadow_pb2.BatchUpdateShadowResponse]
+    """Applies many whole update requests (what devices publish to <id>/state/update) in one
+    transaction, with a result per item: the gateway's path for the messages it collects.
+    """
     QueryFleet: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.QueryFleetRequest, _shadow_pb2.QueryFleetResponse]
     """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted."""
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.ReadEventsRequest, _shadow_pb2.ReadEventsResponse]
@@ -84,6 +88,10 @@ class ShadowServiceAsyncStub(ShadowServiceStub):
     BatchUpdateDesired: _aio.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateDesiredRequest, _shadow_pb2.BatchUpdateDesiredResponse]  # type: ignore[assignment]
     """Merges a desired patch into many devices' shadows in one transaction, with a result per
     item. This is the rollout fan-out path: never one RPC per device.
+    """
+    BatchUpdateShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateShadowRequest, _shadow_pb2.BatchUpdateShadowResponse]  # type: ignore[assignment]
+    """Applies many whole update requests (what devices publish to <id>/state/update) in one
+    transaction, with a result per item: the gateway's path for the messages it collects.
     """
     QueryFleet: _aio.UnaryUnaryMultiCallable[_shadow_pb2.QueryFleetRequest, _shadow_pb2.QueryFleetResponse]  # type: ignore[assignment]
     """Devices whose tags / desired / reported fields match a filter, paginated, optionally counted."""
@@ -165,6 +173,16 @@ class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shadow_pb2.BatchUpdateDesiredResponse, _abc.Awaitable[_shadow_pb2.BatchUpdateDesiredResponse]]:
         """Merges a desired patch into many devices' shadows in one transaction, with a result per
         item. This is the rollout fan-out path: never one RPC per device.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchUpdateShadow(
+        self,
+        request: _shadow_pb2.BatchUpdateShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shadow_pb2.BatchUpdateShadowResponse, _abc.Awaitable[_shadow_pb2.BatchUpdateShadowResponse]]:
+        """Applies many whole update requests (what devices publish to <id>/state/update) in one
+        transaction, with a result per item: the gateway's path for the messages it collects.
         """
 
     @_abc_1.abstractmethod
