@@ -1,7 +1,8 @@
 """Who may use which MQTT topics, and the Mosquitto dynamic-security documents that say so.
 
-Pure: a device may publish, receive, subscribe and unsubscribe only under its own `<id>/`;
-service accounts (gateways, applications) may use every topic. Mosquitto 2.0's dynamic
+Pure: a device may publish, receive, subscribe and unsubscribe only under its own `<id>/`, and
+connect only with its id as client id; service accounts (gateways, applications; names
+starting with `ota-`, which no device may take) may use every topic. Mosquitto 2.0's dynamic
 security has no `%u` substitution in ACLs, so each device gets a role of its own.
 """
 
@@ -32,18 +33,24 @@ def _acls(topic: str) -> list[dict[str, Any]]:
     return [{"acltype": kind, "topic": topic, "allow": True, "priority": 0} for kind in ACL_TYPES]
 
 
-def _client(username: str, password_hash: str, role: str) -> dict[str, Any]:
-    """A dynsec client from a `$7$` hash (the format `services.shadow.credentials` stores)."""
+def _client(
+    username: str, password_hash: str, role: str, client_id: str | None = None
+) -> dict[str, Any]:
+    """A dynsec client from a `$7$` hash (the format `services.shadow.credentials` stores).
+    With `client_id`, the broker accepts this user only under that client id."""
     _, kind, iterations, salt, digest = password_hash.split("$")
     if kind != "7":
         raise ValueError("dynamic security takes PBKDF2-SHA512 ($7$) hashes")
-    return {
+    client: dict[str, Any] = {
         "username": username,
         "roles": [{"rolename": role}],
         "password": digest,
         "salt": salt,
         "iterations": int(iterations),
     }
+    if client_id is not None:
+        client["clientid"] = client_id
+    return client
 
 
 def dynsec_config(
@@ -92,6 +99,8 @@ def add_device_commands(device_id: str, password: str) -> list[dict[str, Any]]:
             "command": "createClient",
             "username": device_id,
             "password": password,
+            # A device connects as itself only, so it cannot take over anyone's session.
+            "clientid": device_id,
             "roles": [{"rolename": device_role(device_id)}],
         },
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,8 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         service_hash = self.config.service_accounts.get(username)
         if service_hash is not None:
             return verify_password(password, service_hash)
+        if session.client_id != username:
+            return False  # a device connects as itself only: no one else's session to take
         return await self.devices.authenticated(username, password, fresh=True)
 
 
@@ -139,8 +142,59 @@ def broker_config(
     }
 
 
+class GuardedBroker(Broker):
+    """amqtt 0.12 settles a CONNECT's session before it authenticates: a clean session drops
+    the namesake session (say, the gateway's, with every device request queued for it), a
+    resumed one is handed the newcomer's credentials. Here both wait for a successful
+    authentication, so a refused client touches no one's session."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._deferred_deletes: set[str] = set()
+        self._owners: dict[str, tuple[str | None, str | None]] = {}
+
+    async def _delete_session(self, client_id: str) -> None:
+        self._deferred_deletes.add(client_id)  # until the newcomer has authenticated
+
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: Any,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        # amqtt would refuse a client only after taking over (disconnecting) the connection
+        # that holds its client id and registering itself in that session's place.
+        if not await self._authenticate(client_session, None):
+            stranger = Session()
+            stranger.client_id = f"refused-{uuid.uuid4().hex}"
+            handler.attach(stranger, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            return
+        await super()._handle_client_session(
+            reader, writer, client_session, handler, server, listener_name
+        )
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        authenticated = bool(await super()._authenticate(session, listener))
+        client_id = session.client_id or ""
+        deferred = client_id in self._deferred_deletes
+        self._deferred_deletes.discard(client_id)
+        if authenticated:
+            if deferred:
+                await super()._delete_session(client_id)
+            self._owners[client_id] = (session.username, session.password)
+        elif session.parent == 1 and client_id in self._owners:
+            # A resumed session was given the refused client's credentials: give it back.
+            session.username, session.password = self._owners[client_id]
+        return authenticated
+
+
 async def run_broker(config: dict[str, Any], stop: asyncio.Event) -> None:
-    broker = Broker(config)
+    broker = GuardedBroker(config)
     await broker.start()
     try:
         await stop.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class GatewaySettings:
             mqtt=MqttEndpoint.parse(
                 env_str(env, "OTA_MQTT_URL", "mqtt://ota-gateway@127.0.0.1:1883")
             ),
-            client_id=env_str(env, "OTA_GATEWAY_CLIENT_ID", cls.client_id),
+            client_id=env_str(env, "OTA_GATEWAY_CLIENT_ID", "") or _default_client_id(env),
             shadow_address=env_str(env, "OTA_SHADOW_ADDRESS", cls.shadow_address),
             shared_group=env.get("OTA_GATEWAY_SHARED_GROUP", cls.shared_group).strip(),
             partition=env_int(env, "OTA_GATEWAY_PARTITION", 0, 0, partitions - 1),
@@ -44,3 +45,10 @@ class GatewaySettings:
             rate_per_second=env_int(env, "OTA_GATEWAY_RATE_PER_SECOND", 20, 1, 10_000),
             rate_burst=env_int(env, "OTA_GATEWAY_RATE_BURST", 20, 1, 10_000),
         )
+
+
+def _default_client_id(env: Mapping[str, str]) -> str:
+    """A stable client id no one can guess without the gateway's credentials: whoever knows a
+    persistent session's client id can knock it off the broker."""
+    secret = env_str(env, "OTA_MQTT_URL", "") + env_str(env, "OTA_GATEWAY_PARTITION", "0")
+    return "ota-gateway-" + hashlib.sha256(secret.encode()).hexdigest()[:16]

@@ -119,6 +119,19 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
+RESERVED_PREFIX = "ota-"  # service accounts and their MQTT client ids
+
+
+def validate_new_device_id(device_id: str) -> str:
+    """An id a new device may take: valid, and not in the service accounts' namespace."""
+    validate_device_id(device_id)
+    if device_id.startswith(RESERVED_PREFIX):
+        raise InvalidDeviceIdError(
+            f"device ids starting with {RESERVED_PREFIX!r} are reserved for service accounts"
+        )
+    return device_id
+
+
 def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
     if len(tags) > MAX_TAGS:
         raise InvalidRequestError(f"at most {MAX_TAGS} tags, got {len(tags)}")

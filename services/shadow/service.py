@@ -116,7 +116,7 @@ class ShadowService:
 
     def register_device(self, device_id: str, tags: Mapping[str, str]) -> tuple[DeviceRecord, str]:
         """Register a device; returns it with its MQTT password, which is never stored."""
-        domain.validate_device_id(device_id)
+        domain.validate_new_device_id(device_id)
         tags = domain.validate_tags(tags)
         password = credentials.new_password()
 

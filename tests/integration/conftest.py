@@ -168,7 +168,11 @@ class Stack:
         )
 
     def connect(self, endpoint: MqttEndpoint, client_id: str | None = None) -> Device:
-        device = Device(endpoint, client_id or f"{endpoint.username}-{secrets.token_hex(3)}")
+        """Connect as a device (client id = its id, as the brokers require) or, for a service
+        account, under a fresh client id."""
+        name = endpoint.username or "anonymous"
+        default = f"{name}-{secrets.token_hex(3)}" if name.startswith("ota-") else name
+        device = Device(endpoint, client_id or default)
         self.devices.append(device)
         return device
 
