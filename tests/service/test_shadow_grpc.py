@@ -88,6 +88,16 @@ def test_unsafe_device_ids_are_invalid_and_store_nothing(
     assert list(listed.devices) == []
 
 
+def test_the_service_account_namespace_is_reserved(shadow_server: RunningShadow) -> None:
+    for name in ("ota-gateway", "ota-app", "ota-admin", "ota-anything"):
+        error = rpc_error(register, shadow_server, name)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reserved" in (error.details() or "")
+    # Only the "ota-" prefix is reserved.
+    assert register(shadow_server, "ota").device.device_id == "ota"
+    assert register(shadow_server, "otatracker-1").device.device_id == "otatracker-1"
+
+
 def test_bad_tags_are_invalid(shadow_server: RunningShadow) -> None:
     for tags in ({"bad key": "x"}, {"site": "x" * 300}, {f"k{i}": "v" for i in range(51)}):
         error = rpc_error(
