@@ -1,6 +1,7 @@
 """`make up` / `make down`: the whole stack as separate background processes, in `.devstack/`.
 
-`up` starts the MQTT broker, the shadow service and the gateway, waits until each is healthy
+`up` starts the MQTT broker, the shadow service, the gateway and the artifact service (with its
+device download plane), waits until each is healthy
 (the gateway by a real MQTT round trip), and writes `.devstack/endpoints.json` with every address
 and the application's MQTT service account. Logs go to `.devstack/logs/`. `down` stops what `up`
 started (the pids it recorded, checked against their command lines) and nothing else.
@@ -200,10 +201,27 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
             },
         )
     )
+    artifacts_address = f"{host}:{port_or_free(host, 50052)}"
+    download_address = f"{host}:{port_or_free(host, 8080)}"
+    processes.append(
+        Process(
+            "artifacts",
+            [python, "-m", "services.artifacts"],
+            {
+                **base,
+                "OTA_ARTIFACTS_LISTEN": artifacts_address,
+                "OTA_DOWNLOAD_LISTEN": download_address,
+                "OTA_ARTIFACTS_DIR": str((root / "artifacts").resolve()),
+                "OTA_SIGNING_KEY_PATH": str((root / "artifact-signing-key.pem").resolve()),
+            },
+        )
+    )
     endpoints = {
         "broker": broker,
         "database_url": database_url,
         "shadow": shadow_address,
+        "artifacts": artifacts_address,
+        "downloads": f"http://{download_address}",
         "mqtt": {"host": mqtt_host, "port": mqtt_port},
         "mqtt_app": {"username": "ota-app", "password": passwords["ota-app"]},
         "logs": str((root / "logs").resolve()),
@@ -236,6 +254,16 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
                 _wait(process.name, lambda m=mqtt: _listening(m["host"], m["port"]), deadline)
             elif process.name == "shadow":
                 _wait("shadow service", lambda: _grpc_serving(endpoints["shadow"]), deadline)
+            elif process.name == "artifacts":
+                download_host, _, download_port = endpoints["downloads"][7:].rpartition(":")
+                _wait(
+                    "artifact service",
+                    lambda: (
+                        _grpc_serving(endpoints["artifacts"])
+                        and _listening(download_host, int(download_port))
+                    ),
+                    deadline,
+                )
         app = MqttEndpoint(
             endpoints["mqtt"]["host"],
             endpoints["mqtt"]["port"],
@@ -254,6 +282,12 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
         print(f"  {entry['name']:<10} pid {entry['pid']}")
     print(f"stack is up ({endpoints['broker']} broker); endpoints: {path.resolve()}")
     return endpoints
+
+
+def _artifacts_ready(endpoints: Mapping[str, Any]) -> bool:
+    """The artifact gRPC service serves and its download plane listens."""
+    host, _, port = endpoints["downloads"].removeprefix("http://").rpartition(":")
+    return _grpc_serving(endpoints["artifacts"]) and _listening(host, int(port))
 
 
 def _listening(host: str, port: int) -> bool:
