@@ -255,15 +255,7 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
             elif process.name == "shadow":
                 _wait("shadow service", lambda: _grpc_serving(endpoints["shadow"]), deadline)
             elif process.name == "artifacts":
-                download_host, _, download_port = endpoints["downloads"][7:].rpartition(":")
-                _wait(
-                    "artifact service",
-                    lambda: (
-                        _grpc_serving(endpoints["artifacts"])
-                        and _listening(download_host, int(download_port))
-                    ),
-                    deadline,
-                )
+                _wait("artifact service", lambda: _artifacts_ready(endpoints), deadline)
         app = MqttEndpoint(
             endpoints["mqtt"]["host"],
             endpoints["mqtt"]["port"],
