@@ -69,6 +69,8 @@ down:
 
 bench: install
 	$(BIN)/python bench/shadow.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/download.py      # needs nginx (apt-get install -y nginx)
 
 clean:
 	rm -rf $(VENV) .devstack .proto-check .pytest_cache .mypy_cache .ruff_cache
