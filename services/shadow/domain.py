@@ -234,12 +234,26 @@ def depth(value: Any) -> int:
     return deepest
 
 
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests more than `limit` levels (as `depth` counts). Recursion stops at
+    the limit, so it is as safe as `depth` and several times faster on the hot path."""
+    if isinstance(value, dict):
+        children: Iterable[Any] = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return False
+    if limit <= 0:
+        return True
+    return any(deeper_than(child, limit - 1) for child in children)
+
+
 def _check_section(name: str, patch: Any, limits: ShadowLimits) -> JsonObject | None:
     if patch is None:
         return None
     if not isinstance(patch, dict):
         raise InvalidRequestError(f"state.{name} must be an object or null")
-    if depth(patch) > limits.max_depth:
+    if deeper_than(patch, limits.max_depth):
         raise InvalidRequestError(f"state.{name} is nested deeper than {limits.max_depth} levels")
     return patch
 
