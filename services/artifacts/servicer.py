@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import grpc
 
@@ -26,8 +24,9 @@ from services.artifacts.errors import (
 )
 from services.artifacts.service import ArtifactService
 from services.artifacts.store import ArtifactRecord
+from services.common.grpc_errors import error_translator
 
-STATUS_CODES: dict[type[ArtifactError], grpc.StatusCode] = {
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidArtifactError: grpc.StatusCode.INVALID_ARGUMENT,
     # The bytes that arrived are not the bytes declared: corrupted or cut short in transit.
     ContentMismatchError: grpc.StatusCode.DATA_LOSS,
@@ -38,27 +37,7 @@ STATUS_CODES: dict[type[ArtifactError], grpc.StatusCode] = {
     StorageError: grpc.StatusCode.UNAVAILABLE,
 }
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def status_for(exc: ArtifactError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def translate_errors(method: F) -> F:
-    """Turn an expected `ArtifactError` into its status code, with the error's message."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except ArtifactError as exc:
-            context.abort(status_for(exc), str(exc))
-
-    return wrapper  # type: ignore[return-value]
+translate_errors = error_translator(ArtifactError, STATUS_CODES)
 
 
 def spec_from_proto(metadata: pb.ArtifactMetadata) -> ArtifactSpec:

@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import grpc
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc as pb_grpc
+from services.common.grpc_errors import error_translator
 from services.shadow import domain
 from services.shadow.errors import (
     BrokerUnavailableError,
@@ -28,7 +25,7 @@ from services.shadow.errors import (
 from services.shadow.service import DesiredItem, Page, ShadowService
 from services.shadow.store import DeviceRecord
 
-STATUS_CODES: dict[type[ShadowError], grpc.StatusCode] = {
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     DeviceNotFoundError: grpc.StatusCode.NOT_FOUND,
     ShadowNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -48,31 +45,16 @@ BATCH_STATUS = {
     "TOO_LARGE": pb.BatchItemResult.TOO_LARGE,
 }
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+def _trailers(exc: ShadowError) -> list[tuple[str, str]]:
+    """The shadow protocol's code, and the current version after a conflict."""
+    metadata = [("ota-code", str(exc.code))]
+    if isinstance(exc, VersionConflictError):
+        metadata.append(("ota-current-version", str(exc.current_version)))
+    return metadata
 
 
-def status_for(exc: ShadowError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def translate_errors(method: F) -> F:
-    """Turn an expected `ShadowError` into its status code, with the error's message."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except ShadowError as exc:
-            metadata = [("ota-code", str(exc.code))]
-            if isinstance(exc, VersionConflictError):
-                metadata.append(("ota-current-version", str(exc.current_version)))
-            context.set_trailing_metadata(tuple(metadata))
-            context.abort(status_for(exc), str(exc))
-
-    return wrapper  # type: ignore[return-value]
+translate_errors = error_translator(ShadowError, STATUS_CODES, _trailers)
 
 
 def device_to_proto(record: DeviceRecord) -> pb.Device:
