@@ -1,0 +1,1 @@
+"""The rollout service: staged canary rollouts, per-device executions and the pure planner."""
