@@ -1,0 +1,457 @@
+"""The agent process: MQTT in, HTTP downloads, the installer, reports out.
+
+One long-lived aiomqtt client per connection, in an explicit reconnect loop. On every
+(re)connect it subscribes to its own topics, reports what it runs, and publishes
+`<id>/state/get` to resync. Deltas and resync documents go through `domain.decide`; an update
+runs as one task (download, verify, install, mark pending, switch), then `run` returns True:
+the caller "reboots" (`__main__` re-executes the process; the boot step commits or rolls back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+
+from device_agent import boot as bootmod
+from device_agent.boot import AgentState, CrashPoint, Outcome, StateFiles, no_crash
+from device_agent.config import AgentConfig
+from device_agent.domain import (
+    Firmware,
+    Grant,
+    HttpAction,
+    Manifest,
+    Phase,
+    Target,
+    Verdict,
+    backoff_delay,
+    canonical_json,
+    classify_http,
+    decide,
+    firmware_report,
+    origin,
+    parse_grant,
+    percent_of,
+    should_report_progress,
+    verify_content,
+    verify_manifest,
+)
+from device_agent.errors import (
+    DownloadError,
+    InstallError,
+    RetryableDownloadError,
+    UpdateError,
+)
+from device_agent.installer import FilesystemInstaller, HookInstaller, Installer, sha256_of
+
+log = logging.getLogger("device_agent")
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ERROR_BODY_BYTES = 4096
+CHUNK_BYTES = 64 * 1024
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+
+
+def make_installer(config: AgentConfig) -> Installer:
+    factory = Firmware(config.factory_version, None)
+    root = config.data_dir / "system"
+    if config.installer == "hook":
+        return HookInstaller(
+            root,
+            factory,
+            install_command=config.install_command,
+            activate_command=config.activate_command,
+            health_command=config.health_command,
+        )
+    return FilesystemInstaller(root, factory, config.health_command)
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+
+class Downloader:
+    """Token, exchange, ranged download with resume, per docs/download-protocol.md."""
+
+    def __init__(self, config: AgentConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+        self.auth = aiohttp.BasicAuth(config.device_id, config.password)
+        self.partial_dir = config.data_dir / "download"
+
+    def partial_path(self, target: Target) -> Path:
+        return self.partial_dir / f"{target.artifact_id}.part"
+
+    async def obtain(
+        self, target: Target, floor: str | None, progress: ProgressCallback
+    ) -> tuple[Path, Manifest]:
+        """The artifact's bytes in a file, and its verified manifest; bounded retries."""
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        part = self.partial_path(target)
+        grant: Grant | None = None
+        manifest: Manifest | None = None
+        attempt = 0
+        while True:
+            try:
+                if grant is None or manifest is None or grant.expires_at <= time.time():
+                    grant = await self._grant(target)
+                    manifest = verify_manifest(
+                        grant, self.config.trusted_keys, target, self.config.hardware, floor
+                    )
+                await self._fetch(target, grant, part, progress)
+                return part, manifest
+            except RetryableDownloadError as exc:
+                attempt += 1
+                if attempt >= self.config.retry.max_attempts:
+                    raise DownloadError(
+                        f"download gave up after {attempt} attempts: {exc}"
+                    ) from None
+                if exc.restart_grant:
+                    grant = None
+                delay = backoff_delay(
+                    attempt - 1, self.config.retry, random.random(), exc.retry_after
+                )
+                log.info("download: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _error(self, response: aiohttp.ClientResponse, what: str) -> Exception:
+        body = await response.content.read(MAX_ERROR_BODY_BYTES)
+        code = message = None
+        with contextlib.suppress(ValueError, AttributeError):
+            data = json.loads(body)
+            code, message = str(data.get("error")), str(data.get("message"))
+        text = f"{what}: HTTP {response.status} {code or ''} {message or ''}".strip()
+        action = classify_http(response.status, code)
+        if action is HttpAction.RETRY:
+            retry_after = 0.0
+            with contextlib.suppress(TypeError, ValueError):
+                retry_after = min(float(response.headers.get("Retry-After", 0)), 300.0)
+            return RetryableDownloadError(text, retry_after=retry_after)
+        if action is HttpAction.NEW_GRANT:
+            return RetryableDownloadError(text, restart_grant=True)
+        if action is HttpAction.FROM_ZERO:
+            return RetryableDownloadError(text)
+        return DownloadError(text)
+
+    async def _post_json(self, url: str, what: str, expect: int, **kwargs: Any) -> Any:
+        try:
+            async with self.session.post(url, auth=self.auth, **kwargs) as response:
+                if response.status != expect:
+                    raise await self._error(response, what)
+                body = await response.content.read(64 * 1024)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryableDownloadError(f"{what}: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise DownloadError(f"{what}: the answer is not JSON") from None
+
+    async def _grant(self, target: Target) -> Grant:
+        token_body = await self._post_json(f"{target.url}/token", "token request", 201)
+        token = token_body.get("token") if isinstance(token_body, dict) else None
+        if not isinstance(token, str) or len(token) > 1024:
+            raise DownloadError("token request: the answer holds no token")
+        base = target.url.split("/v1/artifacts/")[0]
+        grant_body = await self._post_json(
+            f"{base}/v1/downloads", "token exchange", 200, json={"token": token}
+        )
+        return parse_grant(grant_body, self.config.max_download_bytes)
+
+    async def _fetch(
+        self, target: Target, grant: Grant, part: Path, progress: ProgressCallback
+    ) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have == grant.size:
+            return
+        if have > grant.size:
+            part.unlink()
+            have = 0
+        headers = {"If-Range": f'"{grant.sha256}"'}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        # Device credentials go only to the plane itself, never to a presigned S3 URL.
+        auth = self.auth if origin(grant.url) == origin(target.url) else None
+        try:
+            async with self.session.get(grant.url, auth=auth, headers=headers) as response:
+                if response.status == 416:
+                    part.unlink(missing_ok=True)
+                if response.status not in (200, 206):
+                    raise await self._error(response, "download")
+                start = 0
+                if response.status == 206:
+                    content_range = response.headers.get("Content-Range", "")
+                    start = have if content_range.startswith(f"bytes {have}-") else -1
+                    if start < 0:
+                        part.unlink(missing_ok=True)
+                        raise RetryableDownloadError("download: unexpected Content-Range")
+                received = start
+                with part.open("r+b" if start and part.exists() else "wb") as handle:
+                    handle.seek(start)
+                    handle.truncate()
+                    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                        received += len(chunk)
+                        if received > grant.size:
+                            raise DownloadError(
+                                f"the server sent more than the manifest's {grant.size} bytes"
+                            )
+                        handle.write(chunk)
+                        await progress(received, grant.size)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryableDownloadError(f"download: {type(exc).__name__}: {exc}") from None
+        if received < grant.size:
+            raise RetryableDownloadError(f"download: cut short at {received} of {grant.size}")
+
+
+# --- the agent -----------------------------------------------------------------------------------
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, crash: CrashPoint = no_crash) -> None:
+        self.config = config
+        self.crash = crash
+        self.installer = make_installer(config)
+        self.files = StateFiles(config.data_dir, config.factory_version)
+        self.state: AgentState = self.files.load()
+        self.client: aiomqtt.Client | None = None
+        self.job: asyncio.Task[None] | None = None
+        self.reboot = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._last_percent: int | None = None
+        prefix = config.device_id
+        self.topic_delta = f"{prefix}/state/update/delta"
+        self.topic_get_accepted = f"{prefix}/state/get/accepted"
+        self.topics = [
+            self.topic_delta,
+            f"{prefix}/state/update/accepted",
+            f"{prefix}/state/update/rejected",
+            self.topic_get_accepted,
+            f"{prefix}/state/get/rejected",
+        ]
+
+    @property
+    def running(self) -> Firmware:
+        return bootmod.running(self.installer)
+
+    # --- reports -------------------------------------------------------------------------------
+
+    def _truth(self) -> dict[str, Any]:
+        busy = self.state.memory.busy
+        if busy is not None and self.state.job_phase is not None:
+            return firmware_report(self.state.job_phase, self.running, busy)
+        last = self.state.last
+        return firmware_report(last.phase, self.running, last.target, error=last.error)
+
+    async def _report(self, reported: dict[str, Any]) -> None:
+        client = self.client
+        if client is None:
+            return  # reported in full on the next connect
+        payload = json.dumps({"state": {"reported": reported}})
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(f"{self.config.device_id}/state/update", payload, qos=1)
+
+    def _save(self, state: AgentState) -> None:
+        self.state = state
+        self.files.save(state)
+
+    # --- the connection ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> bool:
+        """Boot, then serve until `stop` is set (False) or an installed update wants a reboot
+        (True)."""
+        self.state = await asyncio.to_thread(bootmod.boot, self.installer, self.files, self.crash)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self.downloader = Downloader(self.config, session)
+            backoff = 0.5
+            while not stop.is_set() and not self.reboot.is_set():
+                try:
+                    async with aiomqtt.Client(
+                        self.config.mqtt_host,
+                        self.config.mqtt_port,
+                        username=self.config.device_id,
+                        password=self.config.password,
+                        identifier=self.config.device_id,
+                        protocol=aiomqtt.ProtocolVersion.V311,
+                        clean_session=True,
+                        keepalive=self.config.keepalive,
+                    ) as client:
+                        backoff = 0.5
+                        await self._serve(client, stop)
+                except aiomqtt.MqttError as exc:
+                    log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                finally:
+                    self.client = None
+                    self.connected.clear()
+                if stop.is_set() or self.reboot.is_set():
+                    break
+                jitter = backoff * random.random()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff + jitter)
+                backoff = min(backoff * 2, 30.0)
+            if self.job is not None and not self.reboot.is_set():
+                self.job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.job
+        return self.reboot.is_set()
+
+    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        for topic in self.topics:
+            await client.subscribe(topic, qos=1)
+        self.client = client
+        await self._report(self._truth())
+        await client.publish(f"{self.config.device_id}/state/get", "{}", qos=1)
+        self.connected.set()
+        inbound = asyncio.create_task(self._inbound(client))
+        stopped = asyncio.create_task(stop.wait())
+        rebooting = asyncio.create_task(self.reboot.wait())
+        tasks = [inbound, stopped, rebooting]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if inbound in done:
+                inbound.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _inbound(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray) or len(payload) > MAX_MESSAGE_BYTES:
+                continue
+            topic = message.topic.value
+            if topic not in (self.topic_delta, self.topic_get_accepted):
+                continue
+            try:
+                document = json.loads(payload)
+            except ValueError:
+                continue
+            await self.handle(document, resync=topic == self.topic_get_accepted)
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def handle(self, document: Any, resync: bool) -> None:
+        state = self.state
+        decision = decide(
+            document, state.memory, self.running, self.config.download_base_url, resync
+        )
+        log.info(
+            "%s: %s (%s)", "resync" if resync else "delta", decision.verdict.value, decision.reason
+        )
+        memory = state.memory
+        if decision.shadow_version is not None and decision.shadow_version > memory.shadow_version:
+            memory = replace(memory, shadow_version=decision.shadow_version)
+        if decision.verdict is Verdict.REJECT:
+            block = document.get("state", {})
+            block = block.get("desired", {}) if resync else block
+            key = canonical_json({"block": block.get("firmware")}).decode()
+            self._save(
+                replace(
+                    state,
+                    memory=replace(memory, failed_block=key),
+                    last=Outcome(Phase.FAILED, None, decision.reason),
+                )
+            )
+            await self._report(firmware_report(Phase.FAILED, self.running, error=decision.reason))
+            return
+        if decision.verdict is Verdict.START and decision.target is not None:
+            if self.job is not None and not self.job.done():
+                if state.job_phase not in (Phase.DOWNLOADING, Phase.VERIFYING):
+                    self._save(replace(state, memory=memory))
+                    return  # past the point of no return; the resync after boot decides
+                self.job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.job
+                state = self.state
+            memory = replace(memory, busy=decision.target, failed_block=None)
+            self._save(replace(state, memory=memory, job_phase=Phase.DOWNLOADING))
+            self.job = asyncio.create_task(self._update(decision.target))
+            return
+        if memory != state.memory:
+            self._save(replace(state, memory=memory))
+
+    # --- the update ----------------------------------------------------------------------------
+
+    async def _phase(self, target: Target, phase: Phase) -> None:
+        self._save(replace(self.state, job_phase=phase))
+        await self._report(firmware_report(phase, self.running, target, percent=0))
+
+    async def _progress(self, target: Target, received: int, size: int) -> None:
+        percent = percent_of(received, size)
+        if should_report_progress(self._last_percent, percent):
+            self._last_percent = percent
+            await self._report(
+                firmware_report(Phase.DOWNLOADING, self.running, target, percent=percent)
+            )
+
+    async def _update(self, target: Target) -> None:
+        self._last_percent = None
+        try:
+            await self._phase(target, Phase.DOWNLOADING)
+            self.crash("accepted")
+
+            async def progress(received: int, size: int) -> None:
+                await self._progress(target, received, size)
+
+            path, manifest = await self.downloader.obtain(target, self.state.floor, progress)
+            self.crash("downloaded")
+            await self._phase(target, Phase.VERIFYING)
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(sha256_of, path)
+            try:
+                verify_content(manifest, size, digest)
+            except UpdateError:
+                path.unlink(missing_ok=True)
+                raise
+            self.crash("verified")
+            await self._phase(target, Phase.INSTALLING)
+            previous = self.installer.booted().name
+            slot = self.installer.inactive()
+            firmware = Firmware(target.version, target.url)
+            await asyncio.to_thread(self.installer.install, slot, path, firmware, digest)
+            self.crash("installed")
+            bootmod.mark_pending(self.files, slot, previous, target)
+            self.crash("marked")
+            await self._phase(target, Phase.REBOOTING)
+            try:
+                await asyncio.to_thread(self.installer.activate, slot)
+            except InstallError:
+                with contextlib.suppress(InstallError):
+                    self.installer.activate(previous)
+                self.files.clear_pending()
+                raise
+            self.crash("switched")
+            self.reboot.set()
+        except asyncio.CancelledError:
+            self._save(
+                replace(self.state, memory=replace(self.state.memory, busy=None), job_phase=None)
+            )
+            raise
+        except UpdateError as exc:
+            await self._fail(target, str(exc))
+        except Exception as exc:  # a bug or an I/O error must not leave the job hanging
+            log.exception("update to %s failed", target.version)
+            await self._fail(target, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _fail(self, target: Target, error: str) -> None:
+        log.warning("update to %s failed: %s", target.version, error)
+        self.downloader.partial_path(target).unlink(missing_ok=True)
+        memory = replace(self.state.memory, busy=None, failed=target)
+        self._save(
+            replace(
+                self.state, memory=memory, job_phase=None, last=Outcome(Phase.FAILED, target, error)
+            )
+        )
+        await self._report(firmware_report(Phase.FAILED, self.running, target, error=error))

@@ -1,0 +1,140 @@
+"""The agent over the real stack: broker, gateway, shadow, artifact service, download plane.
+
+Each test runs on Mosquitto + PostgreSQL and on amqtt + SQLite (the `stack` fixture).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from services.artifacts import signing
+from tests.agent.conftest import Fleet
+
+IMAGE = os.urandom(300_000)
+
+
+def test_an_update_end_to_end(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-e2e")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    fleet.target("dev-e2e", "2.0.0", artifact.download_url)
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "succeeded")
+    assert firmware["version"] == "2.0.0"
+    assert firmware["url"] == artifact.download_url
+    assert "error" not in firmware
+    slot = agent.booted_slot()
+    assert (slot["slot"], slot["version"]) == ("b", "2.0.0")
+    assert (agent.data_dir / "system" / "slots" / "b" / "image").read_bytes() == IMAGE
+    # The delta is gone: desired firmware is what runs.
+    assert "delta" not in fleet.stack.document("dev-e2e")["state"]
+
+
+def _assert_failed_untouched(fleet: Fleet, device_id: str, words: str) -> None:
+    agent = next(a for a in fleet.agents if a.device_id == device_id)
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "failed")
+    assert words in firmware["error"], firmware
+    assert firmware["version"] == "1.0.0"
+    slot = agent.booted_slot()
+    assert (slot["slot"], slot["version"]) == ("a", "1.0.0")
+
+
+def test_incompatible_hardware_fails_and_leaves_the_slot(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-hw")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0", compatible=("gw-200",))
+    fleet.target("dev-hw", "2.0.0", artifact.download_url)
+    _assert_failed_untouched(fleet, "dev-hw", "not compatible")
+
+
+def test_a_lower_version_fails_and_leaves_the_slot(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-low", factory_version="3.0.0")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "3.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    fleet.target("dev-low", "2.0.0", artifact.download_url)
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "failed")
+    assert "anti-rollback floor" in firmware["error"]
+    assert agent.booted_slot()["version"] == "3.0.0"
+
+
+def test_a_signature_by_an_untrusted_key_fails(fleet: Fleet) -> None:
+    other = Ed25519PrivateKey.generate().public_key()
+    raw = other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    keys = {signing.key_id_of(other): base64.b64encode(raw).decode()}
+    agent = fleet.agent("dev-key", trusted_keys=keys)
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    fleet.target("dev-key", "2.0.0", artifact.download_url)
+    _assert_failed_untouched(fleet, "dev-key", "not trusted")
+
+
+def test_a_wrong_signature_under_the_trusted_key_id_fails(fleet: Fleet) -> None:
+    # The right key id, the wrong key: the signature does not verify.
+    other = Ed25519PrivateKey.generate().public_key()
+    raw = other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    agent = fleet.agent(
+        "dev-sig", trusted_keys={fleet.signer.key_id: base64.b64encode(raw).decode()}
+    )
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    fleet.target("dev-sig", "2.0.0", artifact.download_url)
+    _assert_failed_untouched(fleet, "dev-sig", "signature does not verify")
+
+
+def test_tampered_bytes_fail_and_leave_the_slot(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-tamper")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    # Someone flips bytes in storage after signing (same size, other content).
+    stored = [p for p in (fleet.tmp / "artifact-bytes").rglob("*") if p.is_file()]
+    assert len(stored) == 1
+    stored[0].write_bytes(bytes(b ^ 0xFF for b in IMAGE[:16]) + IMAGE[16:])
+    fleet.target("dev-tamper", "2.0.0", artifact.download_url)
+    _assert_failed_untouched(fleet, "dev-tamper", "sha256")
+
+
+def test_a_url_to_another_host_and_a_malformed_block_fail(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-bad")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    elsewhere = artifact.download_url.replace("127.0.0.1", "evil.example")
+    fleet.target("dev-bad", "2.0.0", elsewhere)
+    _assert_failed_untouched(fleet, "dev-bad", "not the download plane")
+    fleet.stack.update_desired({"dev-bad": {"firmware": {"version": "banana", "url": None}}})
+    firmware = fleet.wait_reported(agent, lambda fw: "semver" in (fw.get("error") or ""))
+    assert firmware["state"] == "failed"
+
+
+def test_a_failed_health_check_rolls_back(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-sick")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    artifact = fleet.upload(b"UNHEALTHY" + IMAGE, "2.0.0")
+    fleet.target("dev-sick", "2.0.0", artifact.download_url)
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "rolled_back")
+    assert firmware["version"] == "1.0.0"
+    assert "health check exited with 1" in firmware["error"]
+    slot = agent.booted_slot()
+    assert (slot["slot"], slot["version"]) == ("a", "1.0.0")
+
+
+def test_resync_after_being_offline_across_a_desired_change(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-away")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    agent.stop()
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    fleet.target("dev-away", "2.0.0", artifact.download_url)
+    agent.start()
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "succeeded")
+    assert firmware["version"] == "2.0.0"
