@@ -179,6 +179,7 @@ class Downloader:
         headers = {"If-Range": f'"{grant.sha256}"'}
         if have:
             headers["Range"] = f"bytes={have}-"
+            log.info("download: resuming from byte %d of %d", have, grant.size)
         # Device credentials go only to the plane itself, never to a presigned S3 URL.
         auth = self.auth if origin(grant.url) == origin(target.url) else None
         try:

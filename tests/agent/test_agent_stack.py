@@ -138,3 +138,19 @@ def test_resync_after_being_offline_across_a_desired_change(fleet: Fleet) -> Non
     agent.start()
     firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "succeeded")
     assert firmware["version"] == "2.0.0"
+
+
+def test_a_partial_download_is_resumed(fleet: Fleet) -> None:
+    agent = fleet.agent("dev-resume")
+    artifact = fleet.upload(IMAGE, "2.0.0")
+    # What a download cut short by a power loss leaves behind: the first part of the bytes.
+    partial = agent.data_dir / "download" / f"{artifact.artifact_id}.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(IMAGE[:120_000])
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    fleet.target("dev-resume", "2.0.0", artifact.download_url)
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "succeeded")
+    assert firmware["version"] == "2.0.0"
+    assert (agent.data_dir / "system" / "slots" / "b" / "image").read_bytes() == IMAGE
+    assert "resuming from byte 120000 of 300000" in agent.log_text()
