@@ -34,12 +34,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paho.mqtt.enums import CallbackAPIVersion
 
 from services.broker import mosquitto
+from services.common.auth import Role, TokenTable
 from services.common.config import ConfigError
 from services.common.mqtt import MqttEndpoint
 from services.shadow.credentials import hash_password
 
 ROOT = Path(".devstack")
 SERVICE_ACCOUNTS = ("ota-admin", "ota-gateway", "ota-app")
+# gRPC bearer tokens: operators (admin, read-only) and the services themselves.
+API_TOKENS: dict[str, Role] = {"operator": "admin", "viewer": "read", "services": "service"}
 STARTUP_SECONDS = 60.0
 
 
@@ -62,15 +65,16 @@ def port_or_free(host: str, preferred: int) -> int:
 
 
 def _secrets(root: Path) -> dict[str, str]:
-    """Service-account passwords, made once and kept (0600) so restarts keep working."""
+    """Service-account passwords and API tokens, made once and kept (0600) so restarts keep
+    working; names added by a newer version are made on the next start."""
     path = root / "secrets.json"
-    if path.exists():
-        stored: dict[str, str] = json.loads(path.read_text())
-        return stored
-    made = {name: secrets.token_urlsafe(24) for name in SERVICE_ACCOUNTS}
-    path.write_text(json.dumps(made, indent=1))
-    path.chmod(0o600)
-    return made
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    missing = [name for name in (*SERVICE_ACCOUNTS, *API_TOKENS) if name not in stored]
+    if missing or not path.exists():
+        stored.update({name: secrets.token_urlsafe(24) for name in missing})
+        path.write_text(json.dumps(stored, indent=1))
+        path.chmod(0o600)
+    return stored
 
 
 def _alive(pid: int, marker: str) -> bool:
@@ -144,7 +148,17 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
     broker = env.get("OTA_MQTT_BROKER", "embedded")
     shadow_address = f"{host}:{port_or_free(host, 50051)}"
     python = sys.executable
-    base = {**env, "OTA_DATABASE_URL": database_url, "OTA_SHADOW_ADDRESS": shadow_address}
+    tokens_file = root / "api-tokens.json"
+    TokenTable.write(
+        tokens_file, {passwords[name]: (name, role) for name, role in API_TOKENS.items()}
+    )
+    base = {
+        **env,
+        "OTA_DATABASE_URL": database_url,
+        "OTA_SHADOW_ADDRESS": shadow_address,
+        "OTA_AUTH_TOKENS_FILE": str(tokens_file.resolve()),
+        "OTA_SERVICE_TOKEN": passwords["services"],
+    }
     processes: list[Process] = []
     admin_url = ""
 
@@ -224,6 +238,8 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
         "downloads": f"http://{download_address}",
         "mqtt": {"host": mqtt_host, "port": mqtt_port},
         "mqtt_app": {"username": "ota-app", "password": passwords["ota-app"]},
+        "operator_token": passwords["operator"],
+        "viewer_token": passwords["viewer"],
         "logs": str((root / "logs").resolve()),
     }
     return processes, endpoints

@@ -418,6 +418,7 @@ async def start_download_plane(
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
     auth_cache_seconds: float = 30.0,
+    shadow_token: str | None = None,
 ) -> RunningPlane:
     """Start serving on `listen` ("host:port"; port 0 picks a free one) in the running loop.
 
@@ -427,7 +428,7 @@ async def start_download_plane(
     host = host.strip("[]") or "127.0.0.1"
     plane = DownloadPlane(
         downloads,
-        ShadowDirectory(shadow_address),
+        ShadowDirectory(shadow_address, token=shadow_token),
         limits,
         base_url,
         clock,

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from services.artifacts.settings import ArtifactSettings
 from services.artifacts.storage import LocalStorage, S3Config, S3Storage, Storage
 from services.artifacts.store import ArtifactStore
 from services.common import db
+from services.common.auth import server_interceptors
 from services.common.grpc_server import add_health_and_reflection, bind, new_server
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -78,10 +80,14 @@ def build_services(
 
 
 def create_server(
-    settings: ArtifactSettings, service: ArtifactService, download_base_url: str
+    settings: ArtifactSettings,
+    service: ArtifactService,
+    download_base_url: str,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """A ready-to-start gRPC server bound to `settings.listen` (port 0 picks a free port)."""
-    server = new_server(settings.workers)
+    """A ready-to-start gRPC server bound to `settings.listen` (port 0 picks a free port);
+    `interceptors` carry operator authentication (services/common/auth.py)."""
+    server = new_server(settings.workers, interceptors)
     artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
         ArtifactServicer(service, download_base_url), server
     )
@@ -98,13 +104,16 @@ async def start_plane(settings: ArtifactSettings, downloads: DownloadService) ->
         PlaneLimits(settings.max_concurrent_downloads, settings.max_bytes_per_second),
         settings.download_base_url,
         auth_cache_seconds=settings.auth_cache_seconds,
+        shadow_token=settings.service_token,
     )
 
 
 async def serve(settings: ArtifactSettings) -> None:
     services = build_services(settings)
     plane = await start_plane(settings, services.downloads)
-    server, port = create_server(settings, services.artifacts, plane.plane.base_url)
+    server, port = create_server(
+        settings, services.artifacts, plane.plane.base_url, server_interceptors()
+    )
     server.start()
     log.info(
         "artifact service listening on port %d, download plane on port %d (%s storage)",

@@ -25,6 +25,8 @@ class ArtifactSettings:
     # The public base of the download plane as devices reach it ("" = http://<download_listen>).
     download_base_url: str = ""
     shadow_address: str = "127.0.0.1:50051"
+    # Sent to the shadow service on every call (OTA_SERVICE_TOKEN), when it requires one.
+    service_token: str | None = None
     storage: str = "local"  # local | s3
     artifacts_dir: str = ".devstack/artifacts"
     max_bytes: int = 2 * GIB
@@ -58,6 +60,7 @@ class ArtifactSettings:
             download_listen=env_str(env, "OTA_DOWNLOAD_LISTEN", cls.download_listen),
             download_base_url=env_str(env, "OTA_DOWNLOAD_BASE_URL", ""),
             shadow_address=env_str(env, "OTA_SHADOW_ADDRESS", cls.shadow_address),
+            service_token=env_str(env, "OTA_SERVICE_TOKEN", "") or None,
             storage=env_str(env, "OTA_ARTIFACTS_STORAGE", cls.storage).lower(),
             artifacts_dir=env_str(env, "OTA_ARTIFACTS_DIR", cls.artifacts_dir),
             max_bytes=env_int(env, "OTA_ARTIFACTS_MAX_BYTES", cls.max_bytes, 1, 5 * 1024 * GIB),

@@ -8,12 +8,12 @@ import json
 from typing import Any
 
 import grpc
-from grpc import aio
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc as pb_grpc
 from services.artifacts.domain import DeviceCredentials
 from services.artifacts.errors import UpstreamUnavailableError
+from services.common.auth import bearer_aio_channel
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
@@ -21,10 +21,12 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 class ShadowDirectory:
     """An asyncio gRPC client of the shadow service. Create it inside the running loop."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, address: str, timeout: float = DEFAULT_TIMEOUT_SECONDS, token: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = aio.insecure_channel(address)
+        self._channel = bearer_aio_channel(address, token)
         self._stub = pb_grpc.ShadowServiceStub(self._channel)
 
     async def close(self) -> None:

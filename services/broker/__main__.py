@@ -26,7 +26,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await run_broker(broker_config(host, int(port), shadow, accounts), stop)
+    token = os.environ.get("OTA_SERVICE_TOKEN", "")
+    await run_broker(broker_config(host, int(port), shadow, accounts, token), stop)
 
 
 asyncio.run(main())

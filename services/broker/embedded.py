@@ -26,6 +26,7 @@ from amqtt.session import Session
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc
 from services.broker.access import device_may_use
+from services.common.auth import bearer_aio_channel
 from services.shadow.credentials import verify_password
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 class _DeviceCheck:
     """Asks the shadow service whether a device's credentials hold, caching answers briefly."""
 
-    def __init__(self, shadow_address: str, recheck_seconds: float) -> None:
+    def __init__(self, shadow_address: str, recheck_seconds: float, token: str | None) -> None:
         self.shadow_address = shadow_address
+        self.token = token
         self.recheck_seconds = recheck_seconds
         self._stub: shadow_pb2_grpc.ShadowServiceAsyncStub | None = None
         self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
@@ -47,7 +49,7 @@ class _DeviceCheck:
         if cached and not fresh and now - cached[1] < self.recheck_seconds:
             return cached[0]
         if self._stub is None:
-            channel = grpc.aio.insecure_channel(self.shadow_address)
+            channel = bearer_aio_channel(self.shadow_address, self.token)
             self._stub = shadow_pb2_grpc.ShadowServiceStub(channel)
         try:
             reply = await self._stub.AuthenticateDevice(
@@ -65,10 +67,10 @@ class _DeviceCheck:
 _checks: dict[str, _DeviceCheck] = {}
 
 
-def _device_check(shadow_address: str, recheck_seconds: float) -> _DeviceCheck:
+def _device_check(shadow_address: str, recheck_seconds: float, token: str) -> _DeviceCheck:
     """One cache per broker, shared by its auth and topic plugins."""
     if shadow_address not in _checks:
-        _checks[shadow_address] = _DeviceCheck(shadow_address, recheck_seconds)
+        _checks[shadow_address] = _DeviceCheck(shadow_address, recheck_seconds, token or None)
     return _checks[shadow_address]
 
 
@@ -78,11 +80,14 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         shadow_address: str = "127.0.0.1:50051"
         service_accounts: dict[str, str] = field(default_factory=dict)  # user -> $7$ hash
         recheck_seconds: float = 5.0
+        service_token: str = ""  # sent to the shadow service
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.config: DeviceAuthPlugin.Config = context.config
-        self.devices = _device_check(self.config.shadow_address, self.config.recheck_seconds)
+        self.devices = _device_check(
+            self.config.shadow_address, self.config.recheck_seconds, self.config.service_token
+        )
 
     async def authenticate(self, *, session: Session) -> bool | None:
         username, password = session.username, session.password
@@ -102,11 +107,14 @@ class DeviceTopicPlugin(BaseTopicPlugin):
         shadow_address: str = "127.0.0.1:50051"
         service_accounts: list[str] = field(default_factory=list)
         recheck_seconds: float = 5.0
+        service_token: str = ""
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.config: DeviceTopicPlugin.Config = context.config
-        self.devices = _device_check(self.config.shadow_address, self.config.recheck_seconds)
+        self.devices = _device_check(
+            self.config.shadow_address, self.config.recheck_seconds, self.config.service_token
+        )
 
     async def topic_filtering(
         self,
@@ -125,7 +133,11 @@ class DeviceTopicPlugin(BaseTopicPlugin):
 
 
 def broker_config(
-    host: str, port: int, shadow_address: str, service_accounts: dict[str, str]
+    host: str,
+    port: int,
+    shadow_address: str,
+    service_accounts: dict[str, str],
+    service_token: str = "",
 ) -> dict[str, Any]:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
@@ -133,10 +145,12 @@ def broker_config(
             f"{__name__}.DeviceAuthPlugin": {
                 "shadow_address": shadow_address,
                 "service_accounts": service_accounts,
+                "service_token": service_token,
             },
             f"{__name__}.DeviceTopicPlugin": {
                 "shadow_address": shadow_address,
                 "service_accounts": list(service_accounts),
+                "service_token": service_token,
             },
         },
     }

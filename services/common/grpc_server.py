@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 
 import grpc
@@ -14,9 +14,10 @@ from grpc_reflection.v1alpha import reflection
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a 10,000-item batch is about 2 MiB
 
 
-def new_server(workers: int) -> grpc.Server:
+def new_server(workers: int, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -27,6 +27,7 @@ import grpc
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc
+from services.common.auth import bearer_aio_channel
 from services.gateway import protocol
 from services.gateway.protocol import Inbound, RateLimiter
 from services.gateway.settings import GatewaySettings
@@ -326,7 +327,7 @@ def messages_of(event: pb.ShadowEvent) -> list[tuple[str, str | bytes]]:
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    async with grpc.aio.insecure_channel(settings.shadow_address) as channel:
+    async with bearer_aio_channel(settings.shadow_address, settings.service_token) as channel:
         gateway = Gateway(settings, shadow_pb2_grpc.ShadowServiceStub(channel))
         await gateway.run(stop)
 

@@ -27,6 +27,7 @@ class GatewaySettings:
     rate_burst: float = 20.0
     max_inflight_messages: int = 1000
     events_per_read: int = 2000
+    service_token: str | None = None  # sent to the shadow service (OTA_SERVICE_TOKEN)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -44,6 +45,7 @@ class GatewaySettings:
             max_payload_bytes=env_int(env, "OTA_GATEWAY_MAX_PAYLOAD_BYTES", 16384, 256, 1 << 20),
             rate_per_second=env_int(env, "OTA_GATEWAY_RATE_PER_SECOND", 20, 1, 10_000),
             rate_burst=env_int(env, "OTA_GATEWAY_RATE_BURST", 20, 1, 10_000),
+            service_token=env_str(env, "OTA_SERVICE_TOKEN", "") or None,
         )
 
 

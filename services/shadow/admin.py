@@ -5,7 +5,8 @@
     python -m services.shadow.admin get dev-1
     python -m services.shadow.admin delete dev-1
 
-It finds the shadow service in `.devstack/endpoints.json` (from `make up`) or OTA_SHADOW_ADDRESS.
+It finds the shadow service and an operator token in `.devstack/endpoints.json` (from
+`make up`), or in OTA_SHADOW_ADDRESS and OTA_OPERATOR_TOKEN.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grpc
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc
+from services.common.auth import bearer_channel
 
 ENDPOINTS = Path(".devstack/endpoints.json")
 
@@ -30,7 +32,10 @@ def endpoints() -> dict[str, Any]:
     if ENDPOINTS.exists():
         found: dict[str, Any] = json.loads(ENDPOINTS.read_text())
         return found
-    return {"shadow": os.environ.get("OTA_SHADOW_ADDRESS", "127.0.0.1:50051")}
+    return {
+        "shadow": os.environ.get("OTA_SHADOW_ADDRESS", "127.0.0.1:50051"),
+        "operator_token": os.environ.get("OTA_OPERATOR_TOKEN", ""),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     where = endpoints()
-    with grpc.insecure_channel(where["shadow"]) as channel:
+    with bearer_channel(where["shadow"], where.get("operator_token") or None) as channel:
         stub = shadow_pb2_grpc.ShadowServiceStub(channel)
         try:
             return run(stub, args, where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -10,6 +11,7 @@ import grpc
 from protos.shadow.v1 import shadow_pb2, shadow_pb2_grpc
 from services.broker.dynsec import DynsecAccounts
 from services.common import db
+from services.common.auth import server_interceptors
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
@@ -45,9 +47,14 @@ def build_service(settings: ShadowSettings, migrate: bool = True) -> ShadowServi
     )
 
 
-def create_server(settings: ShadowSettings, service: ShadowService) -> tuple[grpc.Server, int]:
-    """A ready-to-start server bound to `settings.listen` (port 0 picks a free port)."""
-    server = new_server(settings.workers)
+def create_server(
+    settings: ShadowSettings,
+    service: ShadowService,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A ready-to-start server bound to `settings.listen` (port 0 picks a free port);
+    `interceptors` carry operator authentication (services/common/auth.py)."""
+    server = new_server(settings.workers, interceptors)
     shadow_pb2_grpc.add_ShadowServiceServicer_to_server(ShadowServicer(service), server)
     add_health_and_reflection(server, [SERVICE_NAME])
     return server, bind(server, settings.listen)
@@ -56,7 +63,7 @@ def create_server(settings: ShadowSettings, service: ShadowService) -> tuple[grp
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ShadowSettings.from_env()
-    server, port = create_server(settings, build_service(settings))
+    server, port = create_server(settings, build_service(settings), server_interceptors())
     log.info("shadow service listening on port %d (database %s)", port, settings.database_url)
     run_until_signalled(server)
 

@@ -8,9 +8,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
+import grpc
 import pytest
 
+from protos.shadow.v1 import shadow_pb2 as pb
+from protos.shadow.v1 import shadow_pb2_grpc
+from services.common.auth import bearer_channel
 from services.common.mqtt import MqttEndpoint
 from tests.integration.conftest import Device
 
@@ -60,6 +65,19 @@ def test_make_up_serves_the_readme_walkthrough_and_make_down_stops_it(
     )
     pids = [entry["pid"] for entry in json.loads((root / ".devstack" / "pids.json").read_text())]
     assert all(alive(pid) for pid in pids)
+
+    # Every API needs a token: without one the shadow service refuses, the viewer may only read.
+    anonymous = shadow_pb2_grpc.ShadowServiceStub(bearer_channel(endpoints["shadow"], None))
+    with pytest.raises(grpc.RpcError) as refused:
+        anonymous.QueryFleet(pb.QueryFleetRequest(), timeout=10)
+    assert cast(grpc.Call, refused.value).code() == grpc.StatusCode.UNAUTHENTICATED
+    viewer = shadow_pb2_grpc.ShadowServiceStub(
+        bearer_channel(endpoints["shadow"], endpoints["viewer_token"])
+    )
+    assert viewer.QueryFleet(pb.QueryFleetRequest(count=True), timeout=10).total_count == 0
+    with pytest.raises(grpc.RpcError) as denied:
+        viewer.RegisterDevice(pb.RegisterDeviceRequest(device_id="dev-x"), timeout=10)
+    assert cast(grpc.Call, denied.value).code() == grpc.StatusCode.PERMISSION_DENIED
 
     shell = run(root, "services.shadow.admin", "register", "dev-1", "site=berlin", "--shell")
     values = dict(line.split("=", 1) for line in shell.split())
