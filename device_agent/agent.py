@@ -219,11 +219,21 @@ class Downloader:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, crash: CrashPoint = no_crash) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        crash: CrashPoint = no_crash,
+        installer: Installer | None = None,
+        files: StateFiles | None = None,
+    ) -> None:
+        # `installer` and `files` default to the device's own (from the config); the fleet
+        # simulator passes in-memory ones.
         self.config = config
         self.crash = crash
-        self.installer = make_installer(config)
-        self.files = StateFiles(config.data_dir, config.factory_version)
+        self.installer = installer if installer is not None else make_installer(config)
+        self.files = (
+            files if files is not None else StateFiles(config.data_dir, config.factory_version)
+        )
         self.state: AgentState = self.files.load()
         self.client: aiomqtt.Client | None = None
         self.job: asyncio.Task[None] | None = None
@@ -268,13 +278,19 @@ class Agent:
 
     # --- the connection ------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> bool:
+    def new_downloader(self, session: aiohttp.ClientSession) -> Downloader:
+        """The downloader of this run (the fleet simulator wraps it to inject faults)."""
+        return Downloader(self.config, session)
+
+    async def run(self, stop: asyncio.Event, session: aiohttp.ClientSession | None = None) -> bool:
         """Boot, then serve until `stop` is set (False) or an installed update wants a reboot
-        (True)."""
+        (True). `session`: an HTTP session to share (the fleet simulator's); else its own."""
         self.state = await asyncio.to_thread(bootmod.boot, self.installer, self.files, self.crash)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            self.downloader = Downloader(self.config, session)
+        async with contextlib.AsyncExitStack() as scope:
+            if session is None:
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+                session = await scope.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+            self.downloader = self.new_downloader(session)
             backoff = 0.5
             while not stop.is_set() and not self.reboot.is_set():
                 try:
