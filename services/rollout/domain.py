@@ -368,7 +368,14 @@ class Execution:
 
     @property
     def rollback_pending(self) -> bool:
-        return self.rollback_requested_at is not None and self.status != ExecutionStatus.ROLLED_BACK
+        # A rollback that timed out is settled (TIMED_OUT); a late confirmation still counts.
+        # FAILED / REJECTED devices never switched: they run the previous version already.
+        return self.rollback_requested_at is not None and self.status not in (
+            ExecutionStatus.ROLLED_BACK,
+            ExecutionStatus.TIMED_OUT,
+            ExecutionStatus.FAILED,
+            ExecutionStatus.REJECTED,
+        )
 
 
 def retries_left(execution: Execution, policy: RetryPolicy) -> int:
@@ -379,11 +386,12 @@ def retries_left(execution: Execution, policy: RetryPolicy) -> int:
     return 0
 
 
-def is_settled(execution: Execution, policy: RetryPolicy) -> bool:
-    """Final: nothing more will happen to it unless a device reports (no retry, no rollback)."""
+def is_settled(execution: Execution, policy: RetryPolicy, *, retrying: bool = True) -> bool:
+    """Final: nothing more will happen to it unless a device reports (no retry, no rollback).
+    `retrying=False` for a rollout that retries nothing any more (aborted)."""
     if execution.status in ACTIVE or execution.rollback_pending:
         return False
-    return retries_left(execution, policy) == 0
+    return not retrying or retries_left(execution, policy) == 0
 
 
 @dataclass(frozen=True)
@@ -436,11 +444,20 @@ def apply_report(
 
     Reports about another update (a stale message, an earlier rollout) change nothing, except
     that a device asked to roll back that reports running its previous version is ROLLED_BACK.
+    A device whose install fails while its rollback is requested is FAILED, not ROLLED_BACK: it
+    runs its previous version either way, and the failure is what the operator needs to see.
     """
     status = execution.status
     previous = execution.previous
+    failed_install = (
+        status in ACTIVE
+        and report.state in ("failed", "rolled_back", "rejected")
+        and report.target_version in (None, target.version)
+    )
     if (
-        execution.rollback_pending
+        not failed_install
+        and execution.rollback_requested_at is not None
+        and status != ExecutionStatus.ROLLED_BACK
         and previous is not None
         and report.version == previous.version
         and report.state in (None, "succeeded", "rolled_back")

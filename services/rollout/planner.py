@@ -245,6 +245,18 @@ class _Pass:
                     updated_at=self.now,
                 )
                 self.actions.append(MarkTimedOut(execution.device_id, execution.attempt))
+            elif (
+                execution.rollback_pending
+                and execution.rollback_requested_at is not None
+                and self.now - execution.rollback_requested_at >= timeout
+            ):
+                self.by_id[execution.device_id] = replace(
+                    execution,
+                    status=ExecutionStatus.TIMED_OUT,
+                    reason=f"rollback not confirmed within {timeout:g} s",
+                    updated_at=self.now,
+                )
+                self.actions.append(MarkTimedOut(execution.device_id, execution.attempt))
 
     def check_failure_thresholds(self) -> None:
         breach = _breached_stage(self.definition, self.by_id.values())

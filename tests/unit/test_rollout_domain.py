@@ -234,6 +234,7 @@ def test_retry_counts_and_backoff() -> None:
     assert RetryPolicy(backoff_seconds=3000).delay(5) == 3600
     assert not is_settled(failed, policy)
     assert is_settled(replace(failed, attempt=3), policy)
+    assert is_settled(failed, policy, retrying=False)  # an aborted rollout retries nothing
     assert not is_settled(execution(ExecutionStatus.SUCCEEDED, rollback_requested_at=5.0), policy)
 
 
@@ -355,6 +356,16 @@ def test_a_rollback_ends_when_the_device_runs_its_previous_version() -> None:
     e = apply_report(e, NEW, report({"version": "1.0.0", "state": "succeeded"}), 302.0)
     assert (e.status, e.rollback_pending) == (ExecutionStatus.ROLLED_BACK, False)
     assert apply_report(e, NEW, report({"version": "2.0.0"}), 303.0) is e
+
+
+def test_an_install_failing_during_a_rollback_is_a_failure() -> None:
+    e = execution(ExecutionStatus.IN_PROGRESS, step="installing", rollback_requested_at=300.0)
+    e = apply_report(e, NEW, progress("rolled_back"), 301.0)
+    assert (e.status, e.reason, e.rollback_pending) == (
+        ExecutionStatus.FAILED,
+        "device rolled back to 1.0.0",
+        False,
+    )
 
 
 def test_without_a_rollback_request_the_previous_version_is_no_rollback() -> None:

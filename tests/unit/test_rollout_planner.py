@@ -349,7 +349,11 @@ def test_failures_over_the_threshold_abort_cancel_and_roll_back() -> None:
     assert by_id[canary[0]].rollback_requested_at == 30.0
     # the abort is final: nothing new, nothing repeated
     again = plan(p.rollout, p.executions, targets, 10_000.0)
-    assert again.actions == (MarkTimedOut(canary[1], 1),)  # its update attempt, not the rollback
+    assert set(again.actions) == {MarkTimedOut(canary[0], 1), MarkTimedOut(canary[1], 1)}
+    reasons = {e.device_id: e.reason for e in again.executions}
+    assert reasons[canary[0]] == "rollback not confirmed within 600 s"
+    assert reasons[canary[1]] == "no result within 600 s"  # its update attempt ran out first
+    assert {e.status for e in again.changed} == {ExecutionStatus.TIMED_OUT}
     assert len(p.executions) == 4
 
 
