@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.rollout.domain import (
     ACTIVE,
@@ -55,7 +56,19 @@ class Notify:
     firmware: Firmware
 
     def desired(self) -> dict[str, Any]:
-        return self.firmware.desired()
+        """The desired patch. A retry must change the desired document, or the shadow sends no
+        new delta and the agent keeps ignoring a target that failed once; so attempt n > 1
+        names the same artifact with `?attempt=n` on its url (ADR 33). The artifact service and
+        the agent read the artifact id from the url's path only."""
+        if self.attempt == 1:
+            return self.firmware.desired()
+        parts = urlsplit(self.firmware.url)
+        query = [
+            (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "attempt"
+        ]
+        query.append(("attempt", str(self.attempt)))
+        url = urlunsplit(parts._replace(query=urlencode(query)))
+        return {"firmware": {"version": self.firmware.version, "url": url}}
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from services.artifacts.domain import artifact_url, targeted_artifact
 from services.rollout.domain import (
     Execution,
     ExecutionStatus,
@@ -145,6 +149,25 @@ def test_executions_remember_what_the_device_ran_before() -> None:
     assert {e.device_id: e.previous for e in p.executions} == {"a": OLD, "b": None}
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(min_value=0, max_value=60))
+def test_the_plan_does_not_depend_on_input_order(rng: random.Random, failures: int) -> None:
+    targets = fleet(60)
+    rollout = started(
+        stages=(Stage(percent=50), Stage(percent=100)),
+        retries=RetryPolicy(failed=1, backoff_seconds=0),
+        rate=Rate(max_per_minute=25),
+    )
+    p = plan(rollout, [], targets, 0.0)
+    executions = fail(p, notified(p)[: failures // 2], 30.0)
+    executions = succeed(replace(p, executions=tuple(executions)), notified(p)[failures:], 30.0)
+    expected = plan(p.rollout, executions, targets, 60.0)
+    rng.shuffle(executions)
+    shuffled_targets = list(targets)
+    rng.shuffle(shuffled_targets)
+    assert plan(p.rollout, executions, shuffled_targets, 60.0) == expected
+
+
 def test_duplicate_ids_are_refused() -> None:
     with pytest.raises(InvalidTargetsError):
         plan(started(), [], [Target("a"), Target("a")], 0.0)
@@ -218,6 +241,23 @@ def test_timeouts_retries_and_giving_up() -> None:
     assert Withdraw("a", OLD).desired() == OLD.desired()
     assert [e.status for e in p.executions] == [ExecutionStatus.TIMED_OUT, ExecutionStatus.FAILED]
     assert p.rollout.state.status == RolloutStatus.COMPLETED
+
+
+def test_a_retry_changes_the_desired_url_but_not_the_artifact() -> None:
+    assert Notify("a", 1, NEW).desired() == NEW.desired()
+    assert Notify("a", 3, NEW).desired() == {
+        "firmware": {"version": "2.0.0", "url": "https://ota.example/v1/artifacts/fw-2?attempt=3"}
+    }
+    signed = Firmware("2.0.0", "https://cdn.example/v1/artifacts/fw-2?region=eu&attempt=2")
+    assert Notify("a", 3, signed).desired()["firmware"]["url"] == (
+        "https://cdn.example/v1/artifacts/fw-2?region=eu&attempt=3"
+    )
+
+
+def test_the_artifact_service_still_finds_the_artifact_of_a_retry() -> None:
+    url = artifact_url("https://ota.example", "ab" * 16)
+    desired = Notify("a", 2, Firmware("2.0.0", url)).desired()
+    assert targeted_artifact(desired) == "ab" * 16
 
 
 def test_a_withdraw_without_a_known_previous_version_deletes_the_leaf() -> None:
