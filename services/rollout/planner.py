@@ -473,3 +473,41 @@ def plan(
         if work.state.status == RolloutStatus.RUNNING:
             work.run(targets)
     return work.result(rollout)
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What GetRollout / WatchRollout report: counts, not device lists."""
+
+    status: RolloutStatus
+    stage_index: int
+    stage_size: int  # cumulative devices the current stage takes in
+    targets: int
+    not_started: int  # targets without an execution yet
+    by_status: tuple[tuple[ExecutionStatus, int], ...]  # every status, in enum order
+    rollbacks_pending: int
+
+
+def progress(rollout: Rollout, executions: Iterable[Execution], targets: int) -> Progress:
+    """A summary of a rollout for `targets` resolved targets."""
+    counts: Counter[ExecutionStatus] = Counter()
+    pending = 0
+    notified: set[str] = set()
+    for execution in executions:
+        counts[execution.status] += 1
+        pending += execution.rollback_pending
+        notified.add(execution.device_id)
+    state = rollout.state
+    sizes = rollout.definition.stage_sizes(targets)
+    return Progress(
+        status=state.status,
+        stage_index=state.stage_index,
+        stage_size=sizes[state.stage_index],
+        targets=targets,
+        not_started=max(0, targets - len(notified)),
+        by_status=tuple((status, counts[status]) for status in ExecutionStatus),
+        rollbacks_pending=pending,
+    )

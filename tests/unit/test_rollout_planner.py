@@ -46,6 +46,7 @@ from services.rollout.planner import (
     StageStarted,
     Withdraw,
     plan,
+    progress,
     rate_allowance,
     stratified_order,
 )
@@ -413,3 +414,25 @@ def test_devices_with_an_unknown_previous_version_are_not_rolled_back() -> None:
     p = plan(rollout, [], targets, 0.0)
     p = plan(abort(p.rollout, 5.0), succeed(p, ["a", "b"], 1.0), targets, 5.0)
     assert p.actions == (RollBack("b", OLD),)
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def test_progress_counts_what_a_dashboard_shows() -> None:
+    rollout = started(rollback_on_abort=True)
+    targets = fleet(40)
+    p = plan(rollout, [], targets, 0.0)
+    canary = notified(p)
+    p = plan(abort(p.rollout, 5.0), succeed(p, canary[:2], 1.0), targets, 5.0)
+    summary = progress(p.rollout, p.executions, len(targets))
+    counts = dict(summary.by_status)
+    assert (summary.status, summary.stage_index, summary.stage_size) == (
+        RolloutStatus.ABORTED,
+        0,
+        4,
+    )
+    assert (summary.targets, summary.not_started, summary.rollbacks_pending) == (40, 36, 2)
+    assert counts[ExecutionStatus.SUCCEEDED] == 2
+    assert counts[ExecutionStatus.CANCELED] == 2
+    assert sum(counts.values()) == 4
