@@ -468,8 +468,10 @@ def apply_report(
     state = report.state
     if state is None or state == "succeeded":
         # A late success after a timeout still counts: the device does run the new firmware.
+        # Not once the rollout gave up on it (withdrawn): its desired is the old one again.
         runs_target = report.version == target.version
-        if runs_target and (status in ACTIVE or status == ExecutionStatus.TIMED_OUT):
+        late = status == ExecutionStatus.TIMED_OUT and not execution.withdrawn
+        if runs_target and (status in ACTIVE or late):
             return replace(
                 execution, status=ExecutionStatus.SUCCEEDED, step=None, reason="", updated_at=now
             )

@@ -346,6 +346,8 @@ def test_final_states_stay_except_a_late_success() -> None:
         execution(ExecutionStatus.TIMED_OUT), NEW, report({"version": "2.0.0"}), 9.0
     )
     assert late.status == ExecutionStatus.SUCCEEDED
+    given_up = execution(ExecutionStatus.TIMED_OUT, withdrawn=True)  # desired is old again
+    assert apply_report(given_up, NEW, report({"version": "2.0.0"}), 9.0) is given_up
 
 
 def test_a_rollback_ends_when_the_device_runs_its_previous_version() -> None:
