@@ -35,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from ota_client.client import OtaClient
 from ota_client.errors import OtaError
@@ -137,7 +137,12 @@ def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
 
 
 def _device_table(devices: Iterable[Device]) -> Table:
-    table = Table("device", "tags", "shadow version", "created (UTC)")
+    table = Table(
+        Column("device", no_wrap=True, min_width=12),
+        "tags",
+        "shadow version",
+        Column("created (UTC)", no_wrap=True, min_width=19),
+    )
     for device in devices:
         tags = ", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))
         table.add_row(
@@ -281,7 +286,9 @@ def shadow_get(ctx: typer.Context, device_id: str, as_json: JsonOption = False) 
 def shadow_update(
     ctx: typer.Context,
     device_id: str,
-    desired: Annotated[str | None, typer.Option(help="JSON object merged into desired.")] = None,
+    desired: Annotated[
+        str | None, typer.Option(help="JSON object merged into desired; null clears it.")
+    ] = None,
     reported: Annotated[str | None, typer.Option(help="JSON object merged into reported.")] = None,
     version: Annotated[
         int | None, typer.Option(help="Apply only if the shadow is at this version.")
@@ -290,18 +297,15 @@ def shadow_update(
     as_json: JsonOption = False,
 ) -> None:
     """Merge desired and/or reported state into a shadow (a null leaf deletes it)."""
-    desired_doc = _json_object(desired, "--desired")
+    # `--desired null` clears the desired section, as `"desired": null` does in AWS IoT.
+    clear = desired is not None and desired.strip() == "null"
+    desired_doc = None if clear else _json_object(desired, "--desired")
     reported_doc = _json_object(reported, "--reported")
-    if desired_doc is None and reported_doc is None:
+    if desired_doc is None and reported_doc is None and not clear:
         raise typer.BadParameter("give --desired and/or --reported")
-    try:
-        update = _client(ctx).shadow.update_shadow(
-            device_id, desired_doc, reported_doc, version, client_token
-        )
-    except OtaError as exc:
-        if exc.current_version is not None:
-            exc.details += f" (the shadow is at version {exc.current_version})"
-        raise
+    update = _client(ctx).shadow.update_shadow(
+        device_id, desired_doc, reported_doc, version, client_token, clear_desired=clear
+    )
     if as_json:
         _print_json(update.to_dict())
         return
@@ -313,7 +317,15 @@ def shadow_update(
 
 
 def _artifact_table(artifacts: Iterable[Artifact]) -> Table:
-    table = Table("artifact id", "name", "version", "hardware", "size", "created (UTC)")
+    # Ids are never cut: operators copy them into the next command.
+    table = Table(
+        Column("artifact id", no_wrap=True, min_width=32),
+        "name",
+        "version",
+        "hardware",
+        Column("size", justify="right"),
+        Column("created (UTC)", no_wrap=True, min_width=19),
+    )
     for a in artifacts:
         table.add_row(
             a.artifact_id,

@@ -122,6 +122,11 @@ def test_shadow_get_and_update(stack: Stack) -> None:
     assert stale.code == 1
     assert "conflict" in stale.stderr and "at version 2" in stale.stderr
     assert ok(stack.root, "shadow", "get", "cli-shadow-1", "--json").json()["version"] == 2
+    cleared = ok(stack.root, "shadow", "update", "cli-shadow-1", "--desired", "null", "--json")
+    assert cleared.json()["delta"] == {}
+    assert (
+        "desired" not in ok(stack.root, "shadow", "get", "cli-shadow-1", "--json").json()["state"]
+    )
 
     missing = otactl(stack.root, "shadow", "get", "no-such-device", "--json")
     assert (missing.code, missing.stdout) == (1, "")
@@ -150,9 +155,20 @@ def test_artifact_upload_list_show_delete(stack: Stack, tmp_path: Path) -> None:
 
     listed = ok(stack.root, "artifacts", "list", "--name", "cli-app", "--json").json()
     assert [a["artifact_id"] for a in listed] == [artifact_id]
-    assert artifact_id in ok(stack.root, "artifacts", "list", "--name", "cli-app").stdout
+
+    # The human table never cuts an id, even at 80 columns.
+    table = ok(stack.root, "artifacts", "list", "--name", "cli-app", COLUMNS="80").stdout
+    assert artifact_id in table
     shown = ok(stack.root, "artifacts", "show", artifact_id, "--json").json()
     assert shown == uploaded
+    progress = ok(
+        stack.root, "artifacts", "upload", str(build),
+        "--name", "cli-app", "--version", "2.0.1", "--hardware", "rpi4",
+    )  # fmt: skip
+    assert "uploading app-2.0.0.img" in progress.stderr and "700.0/700.0 kB" in progress.stderr
+    assert "uploaded and signed" in progress.stdout
+    newer = ok(stack.root, "artifacts", "list", "--name", "cli-app", "--json").json()
+    assert [a["version"] for a in newer] == ["2.0.1", "2.0.0"]  # newest first
     human = ok(stack.root, "artifacts", "show", artifact_id).stdout
     assert uploaded["sha256"] in human and "manifest" in human
 
@@ -168,6 +184,9 @@ def test_artifact_upload_list_show_delete(stack: Stack, tmp_path: Path) -> None:
     assert bad_version.code == 1 and "invalid request" in bad_version.stderr
 
     assert "deleted" in ok(stack.root, "artifacts", "delete", artifact_id).stdout
+    left = ok(stack.root, "artifacts", "list", "--name", "cli-app", "--json").json()
+    assert [a["version"] for a in left] == ["2.0.1"]
+    assert "deleted" in ok(stack.root, "artifacts", "delete", left[0]["artifact_id"]).stdout
     assert ok(stack.root, "artifacts", "list", "--name", "cli-app", "--json").json() == []
     gone = otactl(stack.root, "artifacts", "show", artifact_id)
     assert gone.code == 1 and "not found" in gone.stderr
