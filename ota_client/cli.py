@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box, filesize
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -108,7 +109,7 @@ def _print_json(value: Any) -> None:
 
 
 def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
 
 
 def _tags(pairs: Iterable[str]) -> dict[str, str]:
@@ -139,9 +140,11 @@ def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
 def _device_table(devices: Iterable[Device]) -> Table:
     table = Table(
         Column("device", no_wrap=True, min_width=12),
-        "tags",
-        "shadow version",
-        Column("created (UTC)", no_wrap=True, min_width=19),
+        Column("tags", overflow="fold"),
+        Column("shadow version", overflow="fold"),
+        Column("created (UTC)", overflow="fold"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     for device in devices:
         tags = ", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))
@@ -320,11 +323,14 @@ def _artifact_table(artifacts: Iterable[Artifact]) -> Table:
     # Ids are never cut: operators copy them into the next command.
     table = Table(
         Column("artifact id", no_wrap=True, min_width=32),
-        "name",
-        "version",
-        "hardware",
-        Column("size", justify="right"),
-        Column("created (UTC)", no_wrap=True, min_width=19),
+        # Narrow terminals fold the other cells rather than cut them.
+        Column("name", overflow="fold"),
+        Column("version", overflow="fold"),
+        Column("hardware", overflow="fold"),
+        Column("size", justify="right", overflow="fold"),
+        Column("created (UTC)", overflow="fold"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     for a in artifacts:
         table.add_row(
@@ -332,7 +338,7 @@ def _artifact_table(artifacts: Iterable[Artifact]) -> Table:
             a.name,
             a.version,
             ", ".join(a.compatible_hardware),
-            f"{a.size:,}",
+            filesize.decimal(a.size),
             _when(a.created_at_ms),
         )
     return table
