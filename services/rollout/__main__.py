@@ -1,0 +1,3 @@
+from services.rollout.server import main
+
+main()

@@ -1,0 +1,88 @@
+"""Wiring of the rollout service process: settings -> engine -> store + shadow client ->
+service -> gRPC server, and (until Celery beat takes it over) a loop that runs the periodic
+reconcile pass and the fan-out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from protos.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from services.common import db
+from services.common.auth import bearer_channel, server_interceptors
+from services.common.grpc_server import (
+    add_health_and_reflection,
+    bind,
+    new_server,
+    run_until_signalled,
+)
+from services.rollout.errors import RolloutError
+from services.rollout.service import RolloutService, ShadowClient
+from services.rollout.servicer import RolloutServicer
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import RolloutStore
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_rollout"
+SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name
+
+log = logging.getLogger(__name__)
+
+
+def build_service(settings: RolloutSettings, migrate: bool = True) -> RolloutService:
+    engine = db.make_engine(settings.database_url, settings.db_pool_size)
+    if migrate:
+        db.run_migrations(engine, MIGRATIONS, VERSION_TABLE)
+    channel = bearer_channel(settings.shadow_address, settings.service_token)
+    return RolloutService(RolloutStore(engine), ShadowClient(channel))
+
+
+def create_server(
+    settings: RolloutSettings,
+    service: RolloutService,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A ready-to-start server bound to `settings.listen` (port 0 picks a free port)."""
+    server = new_server(settings.workers, interceptors)
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(service), server)
+    add_health_and_reflection(server, [SERVICE_NAME])
+    return server, bind(server, settings.listen)
+
+
+def run_passes(service: RolloutService, interval: float, stopping: threading.Event) -> None:
+    """Every `interval` seconds: a reconcile pass over every rollout with work, then the
+    fan-out. A failed pass is logged and tried again at the next tick."""
+    while not stopping.wait(interval):
+        try:
+            service.reconcile_all()
+            service.fan_out()
+        except RolloutError as exc:
+            log.warning("reconcile pass failed: %s", exc)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = RolloutSettings.from_env()
+    service = build_service(settings)
+    server, port = create_server(settings, service, server_interceptors())
+    stopping = threading.Event()
+    if settings.reconcile_seconds:
+        threading.Thread(
+            target=run_passes,
+            args=(service, float(settings.reconcile_seconds), stopping),
+            name="reconcile",
+            daemon=True,
+        ).start()
+    log.info("rollout service listening on port %d (shadow at %s)", port, settings.shadow_address)
+    try:
+        run_until_signalled(server)
+    finally:
+        stopping.set()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""gRPC adapter of the rollout service: proto messages in, `RolloutService` calls, protos out.
+
+`STATUS_CODES` is the one place where rollout errors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos.rollout.v1 import rollout_pb2 as pb
+from protos.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from services.common.grpc_errors import error_translator
+from services.rollout.domain import (
+    ExecutionStatus,
+    ExponentialRamp,
+    FailureThreshold,
+    Firmware,
+    Rate,
+    RetryPolicy,
+    RolloutDefinition,
+    RolloutStatus,
+    Stage,
+    TargetSelector,
+)
+from services.rollout.errors import (
+    InvalidReportError,
+    InvalidRolloutError,
+    InvalidStateError,
+    InvalidTargetsError,
+    RolloutError,
+)
+from services.rollout.service import RolloutService, RolloutView, ShadowUnavailableError
+from services.rollout.store import (
+    ConcurrentUpdateError,
+    RolloutExistsError,
+    RolloutNotFoundError,
+    TargetConflictError,
+)
+
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRolloutError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidTargetsError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidReportError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidStateError: grpc.StatusCode.FAILED_PRECONDITION,
+    TargetConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+    RolloutNotFoundError: grpc.StatusCode.NOT_FOUND,
+    RolloutExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    # A race lost three times in a row: the client may retry (Google's API guidance: ABORTED).
+    ConcurrentUpdateError: grpc.StatusCode.ABORTED,
+    ShadowUnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+translate_errors = error_translator(RolloutError, STATUS_CODES)
+
+STATUS_TO_PROTO = {status: pb.RolloutStatus.Value(status.value) for status in RolloutStatus}
+
+
+# --- proto -> domain ------------------------------------------------------------------------------
+
+
+def _stage(stage: pb.Stage) -> Stage:
+    threshold = None
+    if stage.HasField("failure_threshold"):
+        t = stage.failure_threshold
+        threshold = FailureThreshold(
+            count=t.count if t.HasField("count") else None,
+            percent=t.percent if t.HasField("percent") else None,
+            min_finished=t.min_finished or 1,
+        )
+    return Stage(
+        percent=stage.percent if stage.HasField("percent") else None,
+        count=stage.count if stage.HasField("count") else None,
+        success_threshold_percent=(
+            stage.success_threshold_percent
+            if stage.HasField("success_threshold_percent")
+            else 100.0
+        ),
+        failure_threshold=threshold,
+        soak_seconds=stage.soak_seconds,
+        approval_required=stage.approval_required,
+    )
+
+
+def _rate(rate: pb.Rate) -> Rate:
+    ramp = None
+    if rate.HasField("ramp"):
+        r = rate.ramp
+        ramp = ExponentialRamp(
+            base_per_minute=r.base_per_minute,
+            increment_factor=r.increment_factor,
+            notified_step=r.notified_step if r.HasField("notified_step") else None,
+            succeeded_step=r.succeeded_step if r.HasField("succeeded_step") else None,
+            max_per_minute=r.max_per_minute or 1000,
+        )
+    return Rate(
+        max_per_minute=rate.max_per_minute if rate.HasField("max_per_minute") else None,
+        ramp=ramp,
+    )
+
+
+def definition_from_proto(spec: pb.RolloutSpec) -> RolloutDefinition:
+    """A validated definition; a rule broken raises InvalidRolloutError (INVALID_ARGUMENT)."""
+    selector = spec.selector
+    retries = spec.retries
+    return RolloutDefinition(
+        rollout_id=spec.rollout_id,
+        artifact_id=spec.artifact_id,
+        firmware=Firmware(spec.firmware.version, spec.firmware.url),
+        selector=TargetSelector(
+            device_ids=tuple(selector.device_ids),
+            tags=tuple(sorted(selector.tags.items())),
+            fleet_filter=selector.fleet_filter if selector.HasField("fleet_filter") else None,
+        ),
+        stages=tuple(_stage(s) for s in spec.stages),
+        rate=_rate(spec.rate),
+        timeout_seconds=spec.timeout_seconds if spec.HasField("timeout_seconds") else 3600.0,
+        retries=RetryPolicy(
+            failed=retries.failed,
+            timed_out=retries.timed_out,
+            backoff_seconds=(
+                retries.backoff_seconds if retries.HasField("backoff_seconds") else 60.0
+            ),
+        ),
+        rollback_on_abort=spec.rollback_on_abort,
+        stratify_by=spec.stratify_by or "site",
+    )
+
+
+# --- domain -> proto ------------------------------------------------------------------------------
+
+
+def definition_to_proto(d: RolloutDefinition) -> pb.RolloutSpec:
+    stages = []
+    for s in d.stages:
+        stage = pb.Stage(
+            success_threshold_percent=s.success_threshold_percent,
+            soak_seconds=s.soak_seconds,
+            approval_required=s.approval_required,
+        )
+        if s.percent is not None:
+            stage.percent = s.percent
+        if s.count is not None:
+            stage.count = s.count
+        if s.failure_threshold is not None:
+            t = s.failure_threshold
+            stage.failure_threshold.min_finished = t.min_finished
+            if t.count is not None:
+                stage.failure_threshold.count = t.count
+            if t.percent is not None:
+                stage.failure_threshold.percent = t.percent
+        stages.append(stage)
+    spec = pb.RolloutSpec(
+        rollout_id=d.rollout_id,
+        artifact_id=d.artifact_id,
+        firmware=pb.Firmware(version=d.firmware.version, url=d.firmware.url),
+        selector=pb.TargetSelector(device_ids=d.selector.device_ids, tags=dict(d.selector.tags)),
+        stages=stages,
+        timeout_seconds=d.timeout_seconds,
+        retries=pb.RetryPolicy(
+            failed=d.retries.failed,
+            timed_out=d.retries.timed_out,
+            backoff_seconds=d.retries.backoff_seconds,
+        ),
+        rollback_on_abort=d.rollback_on_abort,
+        stratify_by=d.stratify_by,
+    )
+    if d.selector.fleet_filter is not None:
+        spec.selector.fleet_filter = d.selector.fleet_filter
+    if d.rate.max_per_minute is not None:
+        spec.rate.max_per_minute = d.rate.max_per_minute
+    if d.rate.ramp is not None:
+        r = d.rate.ramp
+        spec.rate.ramp.base_per_minute = r.base_per_minute
+        spec.rate.ramp.increment_factor = r.increment_factor
+        spec.rate.ramp.max_per_minute = r.max_per_minute
+        if r.notified_step is not None:
+            spec.rate.ramp.notified_step = r.notified_step
+        if r.succeeded_step is not None:
+            spec.rate.ramp.succeeded_step = r.succeeded_step
+    return spec
+
+
+def view_to_proto(view: RolloutView) -> pb.Rollout:
+    record = view.record
+    state = record.rollout.state
+    p = view.progress
+    progress = pb.Progress(
+        targets=p.targets,
+        stage_size=p.stage_size,
+        not_started=p.not_started,
+        by_status={status.value: count for status, count in p.by_status},
+        rollbacks_pending=p.rollbacks_pending,
+        stages=[
+            pb.StageProgress(
+                stage_index=index,
+                by_status={status.value: counts[status] for status in ExecutionStatus},
+            )
+            for index, counts in enumerate(view.stages)
+        ],
+    )
+    return pb.Rollout(
+        spec=definition_to_proto(record.rollout.definition),
+        status=STATUS_TO_PROTO[state.status],
+        stage_index=state.stage_index,
+        reason=state.reason,
+        started_at=state.started_at or 0.0,
+        finished_at=state.finished_at or 0.0,
+        progress=progress,
+        created_at_ms=record.created_at_ms,
+    )
+
+
+class RolloutServicer(pb_grpc.RolloutServiceServicer):
+    def __init__(self, service: RolloutService) -> None:
+        self.service = service
+
+    def _view(self, rollout_id: str) -> pb.Rollout:
+        return view_to_proto(self.service.get(rollout_id))
+
+    @translate_errors
+    def CreateRollout(
+        self, request: pb.CreateRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        record = self.service.create(definition_from_proto(request.spec))
+        return self._view(record.rollout.definition.rollout_id)
+
+    @translate_errors
+    def StartRollout(
+        self, request: pb.StartRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        self.service.start(request.rollout_id)
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def PauseRollout(
+        self, request: pb.PauseRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        self.service.pause(request.rollout_id, request.reason)
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def ResumeRollout(
+        self, request: pb.ResumeRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        self.service.resume(request.rollout_id)
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def ApproveStage(
+        self, request: pb.ApproveStageRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        self.service.approve_stage(request.rollout_id, request.stage_index)
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def AbortRollout(
+        self, request: pb.AbortRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        self.service.abort(request.rollout_id, request.reason)
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def GetRollout(
+        self, request: pb.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> pb.Rollout:
+        return self._view(request.rollout_id)
+
+    @translate_errors
+    def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRolloutsResponse:
+        status = None
+        if request.status != pb.ROLLOUT_STATUS_UNSPECIFIED:
+            status = RolloutStatus(pb.RolloutStatus.Name(request.status))
+        views, token = self.service.list_rollouts(request.page_size, request.page_token, status)
+        return pb.ListRolloutsResponse(
+            rollouts=[view_to_proto(v) for v in views], next_page_token=token
+        )
