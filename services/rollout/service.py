@@ -358,8 +358,9 @@ class RolloutService:
 
     def reconcile_all(self, now: float | None = None) -> list[PassResult]:
         """A pass over every rollout that may still have work (the periodic job)."""
-        live = [*LIVE, RolloutStatus.ABORTED]
-        return [self.reconcile(rid, now) for rid in self.store.ids_with_status(live)]
+        # Aborted rollouts matter while they hold devices (rollbacks and installs in flight).
+        ids = set(self.store.ids_with_status(LIVE)) | set(self.store.claiming_rollout_ids())
+        return [self.reconcile(rid, now) for rid in sorted(ids)]
 
     def _reconcile_once(self, rollout_id: str, now: float) -> PassResult:
         record = self.store.get(rollout_id)
@@ -369,11 +370,14 @@ class RolloutService:
         if status in (RolloutStatus.CREATED, RolloutStatus.COMPLETED):
             return PassResult(rollout_id, status, 0, 0, 0, ())
         targets: list[Target] = []
+        unclaimed: list[str] = []
         if status in LIVE:
             resolved = self.shadow.resolve(definition.selector)
             held = self.store.claims([t.device_id for t in resolved])
-            # A device held by another live rollout stays out of this one (issue 6: at most one).
+            # A device held by another live rollout stays out of this one (issue 6: at most one);
+            # one that started matching the selector joins it, under the rate limit.
             targets = [t for t in resolved if held.get(t.device_id, rollout_id) == rollout_id]
+            unclaimed = [t.device_id for t in targets if t.device_id not in held]
         stored = {e.device_id: e for e in self.store.executions(rollout_id)}
         waiting = sorted(d for d, e in stored.items() if _waiting_for_device(e))
         reported = self.shadow.reported(waiting)
@@ -400,15 +404,26 @@ class RolloutService:
             new_status == RolloutStatus.ABORTED
             and not any(e.status in ACTIVE or e.rollback_pending for e in final.values())
         )
-        self.store.save(
-            record,
-            result.rollout,
-            changed,
-            dispatches=dispatches,
-            claim=[t.device_id for t in targets] if new_status in LIVE else [],
-            release_claims=finished,
-            target_count=len(targets) if status in LIVE else None,
+        target_count = len(targets) if status in LIVE else record.target_count
+        claim = unclaimed if new_status in LIVE else []
+        idle = (
+            not changed
+            and not dispatches
+            and not claim
+            and result.rollout == rollout
+            and target_count == record.target_count
+            and not (finished and self.store.claiming(rollout_id))
         )
+        if not idle:  # a pass that changes nothing writes nothing
+            self.store.save(
+                record,
+                result.rollout,
+                changed,
+                dispatches=dispatches,
+                claim=claim,
+                release_claims=finished,
+                target_count=target_count,
+            )
         return PassResult(
             rollout_id,
             new_status,

@@ -354,6 +354,17 @@ class RolloutStore:
         with self.engine.connect() as conn:
             return self._claims(conn, device_ids)
 
+    def claiming_rollout_ids(self) -> list[str]:
+        """The rollouts that hold devices (live ones, and aborted ones still rolling back)."""
+        query = select(rollout_claims.c.rollout_id).distinct()
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def claiming(self, rollout_id: str) -> bool:
+        query = select(rollout_claims.c.device_id).where(rollout_claims.c.rollout_id == rollout_id)
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     def _write_executions(
         self, conn: Connection, rollout_id: str, changed: Sequence[Execution]
     ) -> None:

@@ -325,3 +325,55 @@ def test_the_fan_out_sends_chunks_and_survives_a_crash_before_it(rollout: Runnin
     assert r.shadow_calls.calls["BatchUpdateDesired"] - before == 3  # 5 + 5 + 2, not 12
     assert sorted(targeted(r, ids)) == ids
     assert r.service.fan_out() == 0
+
+
+def test_silent_devices_time_out_are_retried_within_bounds_then_withdrawn(
+    rollout: RunningRollout,
+) -> None:
+    r = rollout
+    ids = register_fleet(r, 3)
+    s = spec("r1", device_ids=ids, stages=[pb.Stage(percent=100)])
+    s.timeout_seconds = 60
+    s.retries.timed_out = 1
+    s.retries.backoff_seconds = 0
+    create(r, s)
+    start(r, "r1")
+    run_pass(r, "r1")
+    assert sorted(targeted(r, ids)) == ids
+    succeeded(r, ids[0])
+
+    r.clock.now += 61  # no answer from the other two within the timeout: retried at once
+    run_pass(r, "r1")
+    for device_id in ids[1:]:
+        assert (desired_firmware(r, device_id) or {})["url"] == NEW["url"] + "?attempt=2"
+    assert get(r, "r1").progress.by_status["QUEUED"] == 2
+
+    r.clock.now += 61  # silent again, no retry left: TIMED_OUT, firmware withdrawn
+    run_pass(r, "r1")
+    done = get(r, "r1")
+    assert done.status == pb.COMPLETED
+    assert (done.progress.by_status["SUCCEEDED"], done.progress.by_status["TIMED_OUT"]) == (1, 2)
+    for device_id in ids[1:]:
+        assert desired_firmware(r, device_id) == OLD
+    assert desired_firmware(r, ids[0]) == NEW
+
+
+def test_the_periodic_pass_covers_every_live_rollout_and_devices_that_join(
+    rollout: RunningRollout,
+) -> None:
+    r = rollout
+    ids = register_fleet(r, 4)
+    create(r, spec("r1", tags={"group": "a"}, stages=[pb.Stage(percent=100)]))
+    start(r, "r1")
+    r.service.reconcile_all()
+    r.service.fan_out()
+    assert sorted(targeted(r, ids)) == ids
+    revision = r.service.store.get("r1").revision
+    r.service.reconcile_all()
+    assert r.service.store.get("r1").revision == revision  # an idle pass writes nothing
+
+    joined = register_fleet(r, 1, prefix="late")  # starts matching the selector mid-rollout
+    r.service.reconcile_all()
+    r.service.fan_out()
+    assert targeted(r, joined) == joined
+    assert get(r, "r1").progress.targets == 5
