@@ -33,3 +33,29 @@ class InvalidStateError(RolloutError):
     """An operator command that the rollout's current status does not allow."""
 
     code = 409
+
+
+class RolloutNotFoundError(RolloutError):
+    code = 404
+
+
+class RolloutExistsError(RolloutError):
+    code = 409
+
+
+class TargetConflictError(RolloutError):
+    """A target is already in another live rollout."""
+
+    code = 409
+
+
+class ConcurrentUpdateError(RolloutError):
+    """The rollout changed between read and write; re-read and try again."""
+
+    code = 409
+
+
+class ShadowUnavailableError(RolloutError):
+    """The shadow service failed a call (it is down, or refused it)."""
+
+    code = 503

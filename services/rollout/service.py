@@ -39,14 +39,15 @@ from services.rollout.domain import (
     Target,
     TargetSelector,
 )
-from services.rollout.errors import InvalidReportError, InvalidRolloutError, RolloutError
-from services.rollout.planner import Notify, Progress, RollBack, Withdraw, plan, progress
-from services.rollout.store import (
+from services.rollout.errors import (
     ConcurrentUpdateError,
-    RolloutRecord,
-    RolloutStore,
+    InvalidReportError,
+    InvalidRolloutError,
+    ShadowUnavailableError,
     TargetConflictError,
 )
+from services.rollout.planner import Notify, Progress, RollBack, Withdraw, plan, progress
+from services.rollout.store import RolloutRecord, RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ PAGE_SIZE = 1000  # devices per ListDevices / QueryFleet page
 IN_FLIGHT = 64  # concurrent GetDevice / GetShadow calls while reading many devices
 ATTEMPTS = 3  # tries of a read-modify-write that lost a race
 MAX_LIST_PAGE = 1000
-
-
-class ShadowUnavailableError(RolloutError):
-    """The shadow service failed a call (it is down, or refused it)."""
-
-    code = 503
 
 
 # --- the shadow service, seen from here -------------------------------------------------------

@@ -23,19 +23,18 @@ from services.rollout.domain import (
     TargetSelector,
 )
 from services.rollout.errors import (
+    ConcurrentUpdateError,
     InvalidReportError,
     InvalidRolloutError,
     InvalidStateError,
     InvalidTargetsError,
     RolloutError,
-)
-from services.rollout.service import RolloutService, RolloutView, ShadowUnavailableError
-from services.rollout.store import (
-    ConcurrentUpdateError,
     RolloutExistsError,
     RolloutNotFoundError,
+    ShadowUnavailableError,
     TargetConflictError,
 )
+from services.rollout.service import RolloutService, RolloutView
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRolloutError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -33,7 +33,12 @@ from services.rollout.domain import (
     Stage,
     TargetSelector,
 )
-from services.rollout.errors import RolloutError
+from services.rollout.errors import (
+    ConcurrentUpdateError,
+    RolloutExistsError,
+    RolloutNotFoundError,
+    TargetConflictError,
+)
 from services.rollout.schema import (
     rollout_claims,
     rollout_dispatches,
@@ -43,28 +48,6 @@ from services.rollout.schema import (
 
 T = TypeVar("T")
 CHUNK = 1000  # rows per statement / ids per IN list (well under SQLite's parameter limit)
-
-
-# The errors below belong in services/rollout/errors.py; they live here until that module is
-# opened to this service's adapters (see the session report).
-class RolloutNotFoundError(RolloutError):
-    code = 404
-
-
-class RolloutExistsError(RolloutError):
-    code = 409
-
-
-class TargetConflictError(RolloutError):
-    """A target is already in another live rollout."""
-
-    code = 409
-
-
-class ConcurrentUpdateError(RolloutError):
-    """The rollout changed between read and write; re-read and try again."""
-
-    code = 409
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
