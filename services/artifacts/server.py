@@ -17,6 +17,7 @@ import grpc
 from protos.artifacts.v1 import artifacts_pb2, artifacts_pb2_grpc
 from services.artifacts import signing
 from services.artifacts.download_plane import PlaneLimits, RunningPlane, start_download_plane
+from services.artifacts.rollout_usage import RolloutUsage
 from services.artifacts.service import (
     ArtifactService,
     DownloadService,
@@ -64,9 +65,15 @@ def build_storage(settings: ArtifactSettings) -> Storage:
 def build_services(
     settings: ArtifactSettings,
     storage: Storage | None = None,
-    is_in_use: InUseCheck = never_in_use,
+    is_in_use: InUseCheck | None = None,
     migrate: bool = True,
 ) -> Services:
+    if is_in_use is None:
+        is_in_use = (
+            RolloutUsage(settings.rollout_address, settings.service_token)
+            if settings.rollout_address
+            else never_in_use
+        )
     engine = db.make_engine(settings.database_url, settings.db_pool_size)
     if migrate:
         db.run_migrations(engine, MIGRATIONS, VERSION_TABLE)

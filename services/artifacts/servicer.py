@@ -21,6 +21,7 @@ from services.artifacts.errors import (
     ContentMismatchError,
     InvalidArtifactError,
     StorageError,
+    UpstreamUnavailableError,
 )
 from services.artifacts.service import ArtifactService
 from services.artifacts.store import ArtifactRecord
@@ -35,6 +36,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     ArtifactNotFoundError: grpc.StatusCode.NOT_FOUND,
     ArtifactInUseError: grpc.StatusCode.FAILED_PRECONDITION,
     StorageError: grpc.StatusCode.UNAVAILABLE,
+    UpstreamUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 translate_errors = error_translator(ArtifactError, STATUS_CODES)

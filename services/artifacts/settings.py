@@ -27,6 +27,9 @@ class ArtifactSettings:
     shadow_address: str = "127.0.0.1:50051"
     # Sent to the shadow service on every call (OTA_SERVICE_TOKEN), when it requires one.
     service_token: str | None = None
+    # The rollout service, asked before a delete whether a live rollout uses the artifact;
+    # empty: no rollout service, nothing is ever in use.
+    rollout_address: str = ""
     storage: str = "local"  # local | s3
     artifacts_dir: str = ".devstack/artifacts"
     max_bytes: int = 2 * GIB
@@ -61,6 +64,7 @@ class ArtifactSettings:
             download_base_url=env_str(env, "OTA_DOWNLOAD_BASE_URL", ""),
             shadow_address=env_str(env, "OTA_SHADOW_ADDRESS", cls.shadow_address),
             service_token=env_str(env, "OTA_SERVICE_TOKEN", "") or None,
+            rollout_address=env_str(env, "OTA_ROLLOUT_ADDRESS", ""),
             storage=env_str(env, "OTA_ARTIFACTS_STORAGE", cls.storage).lower(),
             artifacts_dir=env_str(env, "OTA_ARTIFACTS_DIR", cls.artifacts_dir),
             max_bytes=env_int(env, "OTA_ARTIFACTS_MAX_BYTES", cls.max_bytes, 1, 5 * 1024 * GIB),
