@@ -1,7 +1,7 @@
 """`make up` / `make down`: the whole stack as separate background processes, in `.devstack/`.
 
-`up` starts the MQTT broker, the shadow service, the gateway and the artifact service (with its
-device download plane), waits until each is healthy
+`up` starts the MQTT broker, the shadow service, the gateway, the artifact service (with its
+device download plane) and the rollout service, waits until each is healthy
 (the gateway by a real MQTT round trip), and writes `.devstack/endpoints.json` with every address
 and the application's MQTT service account. Logs go to `.devstack/logs/`. `down` stops what `up`
 started (the pids it recorded, checked against their command lines) and nothing else.
@@ -217,6 +217,7 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
     )
     artifacts_address = f"{host}:{port_or_free(host, 50052)}"
     download_address = f"{host}:{port_or_free(host, 8080)}"
+    rollout_address = f"{host}:{port_or_free(host, 50053)}"
     processes.append(
         Process(
             "artifacts",
@@ -227,7 +228,15 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
                 "OTA_DOWNLOAD_LISTEN": download_address,
                 "OTA_ARTIFACTS_DIR": str((root / "artifacts").resolve()),
                 "OTA_SIGNING_KEY_PATH": str((root / "artifact-signing-key.pem").resolve()),
+                "OTA_ROLLOUT_ADDRESS": rollout_address,
             },
+        )
+    )
+    processes.append(
+        Process(
+            "rollout",
+            [python, "-m", "services.rollout"],
+            {**base, "OTA_ROLLOUT_LISTEN": rollout_address},
         )
     )
     endpoints = {
@@ -235,6 +244,7 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
         "database_url": database_url,
         "shadow": shadow_address,
         "artifacts": artifacts_address,
+        "rollout": rollout_address,
         "downloads": f"http://{download_address}",
         "mqtt": {"host": mqtt_host, "port": mqtt_port},
         "mqtt_app": {"username": "ota-app", "password": passwords["ota-app"]},
@@ -270,6 +280,8 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
                 _wait(process.name, lambda m=mqtt: _listening(m["host"], m["port"]), deadline)
             elif process.name == "shadow":
                 _wait("shadow service", lambda: _grpc_serving(endpoints["shadow"]), deadline)
+            elif process.name == "rollout":
+                _wait("rollout service", lambda: _grpc_serving(endpoints["rollout"]), deadline)
             elif process.name == "artifacts":
                 _wait("artifact service", lambda: _artifacts_ready(endpoints), deadline)
         app = MqttEndpoint(
