@@ -63,6 +63,8 @@ class MemoryInstaller:
     """The `Installer` interface over memory: two slots and a boot pointer. `install` hashes
     the image it is handed (the bytes must be the verified ones) and keeps only the digest."""
 
+    __slots__ = ("_boot", "_slots", "fail_health", "fail_install")
+
     def __init__(self, factory: Firmware, fail_install: bool = False, fail_health: bool = False):
         self._slots: dict[str, Slot] = {"a": Slot("a", factory, None)}
         self._boot = "a"
@@ -181,7 +183,7 @@ class SimDownloader(Downloader):
         device = self.device
         if device.fault == "offline" and not device.went_offline:
             device.went_offline = True
-            device.drop.set()
+            device.drop()
         if device.fault == "slow":
             progress = _throttled(progress, device.faults.slow_bytes_per_second)
         path, manifest = await super().obtain(target, floor, progress)
@@ -238,6 +240,22 @@ class DeviceOutcome:
 
 
 class SimulatedDevice:
+    # Thousands of these live in one process: no per-instance dict, no task or event beyond
+    # the one `stop` the running agent watches.
+    __slots__ = (
+        "agent",
+        "boots",
+        "config",
+        "dropping",
+        "fault",
+        "faults",
+        "files",
+        "installer",
+        "powered",
+        "stop",
+        "went_offline",
+    )
+
     def __init__(self, config: AgentConfig, fault: str | None, faults: Faults) -> None:
         self.config = config
         self.fault = fault
@@ -249,30 +267,34 @@ class SimulatedDevice:
         )
         self.files = MemoryStateFiles(config.factory_version)
         self.agent = SimAgent(config, self)
-        self.power = asyncio.Event()  # set: switch this device off for good
-        self.drop = asyncio.Event()  # set: go offline for a while, then come back
+        self.stop = asyncio.Event()  # the running agent's; set to switch it off
+        self.powered = True
+        self.dropping = False
         self.went_offline = False
         self.boots = 0
 
+    def power_off(self) -> None:
+        self.powered = False
+        self.stop.set()
+
+    def drop(self) -> None:
+        """Go offline (the agent stops, as at a power cut between steps) for a while."""
+        self.dropping = True
+        self.stop.set()
+
     async def live(self, session: aiohttp.ClientSession) -> None:
-        """Run the agent; "reboot" into a new one when it asks; go offline when told."""
-        while not self.power.is_set():
+        """Run the agent; "reboot" into a new one when it asks; come back after a drop."""
+        while self.powered:
             self.boots += 1
-            run_stop = asyncio.Event()
-            run = asyncio.create_task(self.agent.run(run_stop, session))
-            power = asyncio.create_task(self.power.wait())
-            drop = asyncio.create_task(self.drop.wait())
-            try:
-                await asyncio.wait((run, power, drop), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                power.cancel()
-                drop.cancel()
-            if not run.done():
-                run_stop.set()
-            rebooting = await run
-            if self.drop.is_set():
-                self.drop.clear()
-                await _sleep_unless(self.power, self.faults.offline_seconds)
+            rebooting = await self.agent.run(self.stop, session)
+            if not self.powered:
+                return
+            if self.dropping:
+                self.dropping = False
+                self.stop.clear()
+                await asyncio.sleep(self.faults.offline_seconds)
+                if not self.powered:
+                    return
             elif not rebooting:
                 return
             self.agent = SimAgent(self.config, self)
@@ -296,11 +318,6 @@ class SimulatedDevice:
             self.boots,
             self.agent.connected.is_set(),
         )
-
-
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
 
 
 # --- the fleet ----------------------------------------------------------------------------------
@@ -373,7 +390,7 @@ class FleetSimulator:
 
     async def stop(self) -> None:
         for device in self.devices.values():
-            device.power.set()
+            device.power_off()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._session is not None:
