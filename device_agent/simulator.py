@@ -546,7 +546,8 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         deadline = time.monotonic() + args.seconds if args.seconds else None
         while deadline is None or time.monotonic() < deadline:
-            await asyncio.sleep(5)
+            left = 5.0 if deadline is None else deadline - time.monotonic()
+            await asyncio.sleep(max(0.0, min(5.0, left)))
             print(summary(fleet.outcomes()), flush=True)
     finally:
         await fleet.stop()

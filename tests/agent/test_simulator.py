@@ -5,7 +5,11 @@ exactly the failed / rolled_back reports their seeded draw says. No timing asser
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -166,3 +170,42 @@ def test_the_memory_installer_verifies_the_bytes(tmp_path: Path) -> None:
     assert installer.booted().firmware == Firmware("2.0.0", "u")
     assert installer.health_check("b") is None
     assert installer.inactive() == "a"
+
+
+def test_the_command_line_connects_a_fleet_and_prints_its_cost(fleet: Fleet) -> None:
+    credentials = {}
+    for i in range(20):
+        endpoint = fleet.stack.register(f"cli-{i:02d}")
+        credentials[f"cli-{i:02d}"] = endpoint.password
+    path = fleet.tmp / "credentials.json"
+    path.write_text(json.dumps(credentials))
+    key = base64.b64encode(fleet.signer.public_key_raw).decode()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_agent.simulator",
+            "--credentials",
+            str(path),
+            "--mqtt-host",
+            fleet.stack.mqtt_host,
+            "--mqtt-port",
+            str(fleet.stack.mqtt_port),
+            "--download-base-url",
+            fleet.base_url,
+            "--trusted-key",
+            f"{fleet.signer.key_id}={key}",
+            "--work-dir",
+            str(fleet.tmp / "cli"),
+            "--seconds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SETTLE_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "20 devices connected in" in done.stdout, done.stdout
+    assert "KiB per device" in done.stdout
+    assert "{'1.0.0/idle': 20}" in done.stdout
