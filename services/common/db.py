@@ -63,3 +63,18 @@ def run_migrations(engine: Engine, migrations_dir: Path, version_table: str) -> 
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def run_migration_environment() -> None:
+    """The whole of every service's Alembic `env.py`: migrate on the connection and with the
+    version table that `run_migrations` passes in."""
+    from alembic import context
+
+    config = context.config
+    context.configure(
+        connection=config.attributes["connection"],
+        target_metadata=None,
+        version_table=config.attributes["version_table"],
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,13 +1,5 @@
-"""Alembic environment: runs on the connection that `services.common.db.run_migrations` passes."""
+"""Alembic environment: `services.common.db.run_migration_environment` does it all."""
 
-from alembic import context
+from services.common.db import run_migration_environment
 
-config = context.config
-connection = config.attributes["connection"]
-context.configure(
-    connection=connection,
-    target_metadata=None,
-    version_table=config.attributes["version_table"],
-)
-with context.begin_transaction():
-    context.run_migrations()
+run_migration_environment()
