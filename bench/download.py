@@ -257,6 +257,7 @@ def upload(stub: apb_grpc.ArtifactServiceStub, path: Path) -> apb.Artifact:
         with path.open("rb") as handle:
             while chunk := handle.read(MIB):
                 yield apb.UploadArtifactRequest(chunk=chunk)
+        yield apb.UploadArtifactRequest(end=apb.UploadEnd())
 
     return stub.UploadArtifact(requests())
 

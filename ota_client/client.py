@@ -200,6 +200,7 @@ class ArtifactsClient:
                     sent += len(chunk)
                     if on_progress:
                         on_progress(sent, size)
+            yield apb.UploadArtifactRequest(end=apb.UploadEnd())
 
         # No deadline: a large upload on a slow link takes as long as it takes.
         reply = self._calls(lambda: self._stub.UploadArtifact(requests()))

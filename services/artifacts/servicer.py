@@ -53,10 +53,20 @@ def spec_from_proto(metadata: pb.ArtifactMetadata) -> ArtifactSpec:
 
 
 def _chunks(requests: Iterator[pb.UploadArtifactRequest]) -> Iterator[bytes]:
+    """The upload's bytes; raises unless the stream closes right after its `end` message.
+
+    gRPC may report a client's cancel as a plain end of stream, so only `end` tells a whole
+    upload from a broken one."""
     for request in requests:
-        if request.WhichOneof("part") != "chunk":
+        part = request.WhichOneof("part")
+        if part == "end":
+            if next(requests, None) is not None:
+                raise InvalidArtifactError("nothing may follow the end of an upload")
+            return
+        if part != "chunk":
             raise InvalidArtifactError("only the first message of an upload carries metadata")
         yield request.chunk
+    raise InvalidArtifactError("the upload stream stopped before its end message")
 
 
 class ArtifactServicer(pb_grpc.ArtifactServiceServicer):

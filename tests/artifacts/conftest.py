@@ -41,6 +41,7 @@ from tests.conftest import RunningShadow, service_missing
 
 T = TypeVar("T")
 MIB = 1024 * 1024
+UPLOAD_END = apb.UploadArtifactRequest(end=apb.UploadEnd())
 
 
 class FakeClock:
@@ -249,6 +250,7 @@ def upload_requests(
     )
     for start in range(0, len(data), chunk_bytes):
         yield apb.UploadArtifactRequest(chunk=data[start : start + chunk_bytes])
+    yield UPLOAD_END
 
 
 StackFactory = Callable[..., ArtifactStack]

@@ -49,6 +49,7 @@ def test_the_artifact_service_checks_tokens_too(
                         )
                     ),
                     apb.UploadArtifactRequest(chunk=b"firmware bytes"),
+                    apb.UploadArtifactRequest(end=apb.UploadEnd()),
                 ]
             )
             return code_of(stub.UploadArtifact, requests)

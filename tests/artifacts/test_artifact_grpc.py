@@ -186,7 +186,17 @@ def test_message_order_is_enforced(stack: ArtifactStack) -> None:
         metadata=apb.ArtifactMetadata(name="fw", version="1.0.0", compatible_hardware=["gw"])
     )
     chunk = apb.UploadArtifactRequest(chunk=b"bytes")
-    for requests in ([], [chunk, metadata], [metadata], [metadata, chunk, metadata, chunk]):
+    end = apb.UploadArtifactRequest(end=apb.UploadEnd())
+    for requests in (
+        [],
+        [chunk, metadata],
+        [metadata],
+        [metadata, end],
+        [metadata, chunk, metadata, chunk, end],
+        [metadata, chunk],  # no end: a stream cut short is not a whole upload
+        [metadata, chunk, end, chunk],
+        [metadata, end, chunk, end],
+    ):
         error = raw_upload(stack, requests)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, requests
     assert_nothing_stored(stack)
@@ -197,7 +207,10 @@ def test_a_cancelled_upload_stores_nothing(stack: ArtifactStack) -> None:
     release = threading.Event()
 
     def requests() -> Iterator[apb.UploadArtifactRequest]:
-        yield from upload_requests(b"y" * 6 * MIB, "fw", "1.0.0", ("gw",), MIB)
+        # Every byte, but not the end message: the client cancels before it.
+        for request in upload_requests(b"y" * 6 * MIB, "fw", "1.0.0", ("gw",), MIB):
+            if request.WhichOneof("part") != "end":
+                yield request
         sent.set()
         release.wait(30)
 

@@ -91,6 +91,7 @@ def test_the_process_serves_both_planes_and_stops_on_sigterm(
                     )
                 ),
                 apb.UploadArtifactRequest(chunk=data),
+                apb.UploadArtifactRequest(end=apb.UploadEnd()),
             ]
         )
     )

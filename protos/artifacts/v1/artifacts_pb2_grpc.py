@@ -65,7 +65,9 @@ class ArtifactServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def UploadArtifact(self, request_iterator, context):
-        """Client streaming: the first message carries the metadata, every later one a chunk of bytes.
+        """Client streaming: the first message carries the metadata, the next ones chunks of bytes,
+        the last one `end`. A stream that stops without `end` (a cancelled or broken upload) is
+        refused (INVALID_ARGUMENT), so a partial upload is never taken for a whole one.
         Size and sha256 are computed while streaming; a declared sha256 or size that does not match
         (DATA_LOSS), bad metadata (INVALID_ARGUMENT), an upload over the size limit
         (RESOURCE_EXHAUSTED) or a name + version that exists (ALREADY_EXISTS) leaves nothing stored.

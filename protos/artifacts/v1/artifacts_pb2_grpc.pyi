@@ -36,7 +36,9 @@ class ArtifactServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ArtifactServiceAsyncStub: ...
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_artifacts_pb2.UploadArtifactRequest, _artifacts_pb2.Artifact]
-    """Client streaming: the first message carries the metadata, every later one a chunk of bytes.
+    """Client streaming: the first message carries the metadata, the next ones chunks of bytes,
+    the last one `end`. A stream that stops without `end` (a cancelled or broken upload) is
+    refused (INVALID_ARGUMENT), so a partial upload is never taken for a whole one.
     Size and sha256 are computed while streaming; a declared sha256 or size that does not match
     (DATA_LOSS), bad metadata (INVALID_ARGUMENT), an upload over the size limit
     (RESOURCE_EXHAUSTED) or a name + version that exists (ALREADY_EXISTS) leaves nothing stored.
@@ -53,7 +55,9 @@ class ArtifactServiceStub:
 class ArtifactServiceAsyncStub(ArtifactServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadArtifact: _aio.StreamUnaryMultiCallable[_artifacts_pb2.UploadArtifactRequest, _artifacts_pb2.Artifact]  # type: ignore[assignment]
-    """Client streaming: the first message carries the metadata, every later one a chunk of bytes.
+    """Client streaming: the first message carries the metadata, the next ones chunks of bytes,
+    the last one `end`. A stream that stops without `end` (a cancelled or broken upload) is
+    refused (INVALID_ARGUMENT), so a partial upload is never taken for a whole one.
     Size and sha256 are computed while streaming; a declared sha256 or size that does not match
     (DATA_LOSS), bad metadata (INVALID_ARGUMENT), an upload over the size limit
     (RESOURCE_EXHAUSTED) or a name + version that exists (ALREADY_EXISTS) leaves nothing stored.
@@ -73,7 +77,9 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_artifacts_pb2.UploadArtifactRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_artifacts_pb2.Artifact, _abc.Awaitable[_artifacts_pb2.Artifact]]:
-        """Client streaming: the first message carries the metadata, every later one a chunk of bytes.
+        """Client streaming: the first message carries the metadata, the next ones chunks of bytes,
+        the last one `end`. A stream that stops without `end` (a cancelled or broken upload) is
+        refused (INVALID_ARGUMENT), so a partial upload is never taken for a whole one.
         Size and sha256 are computed while streaming; a declared sha256 or size that does not match
         (DATA_LOSS), bad metadata (INVALID_ARGUMENT), an upload over the size limit
         (RESOURCE_EXHAUSTED) or a name + version that exists (ALREADY_EXISTS) leaves nothing stored.
