@@ -2,10 +2,10 @@
 
 A server that is given a token table (`OTA_AUTH_TOKENS_FILE`) refuses calls without a known
 token (UNAUTHENTICATED) or with too small a role (PERMISSION_DENIED). Roles, weakest first:
-`read` (Get*, List*, Query*, Watch*), `admin` (every operator call), `service` (also the calls
-only services make: device authentication, the outbox, device updates). Health checking and
-reflection stay open, for load balancers and grpcurl. Tokens are stored as sha256 digests and
-compared in constant time. Devices never use these APIs.
+`read` (Get*, List*, Query*, Watch*, BatchGetShadows), `admin` (every operator call), `service`
+(also the calls only services make: device authentication, the outbox, device updates). Health
+checking and reflection stay open, for load balancers and grpcurl. Tokens are stored as sha256
+digests and compared in constant time. Devices never use these APIs.
 
 Clients send `OTA_SERVICE_TOKEN` (services) or an operator token with `bearer_channel`.
 """
@@ -30,6 +30,7 @@ RANK: dict[str, int] = {"read": 1, "admin": 2, "service": 3}
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 SERVICE_ONLY = frozenset({"AuthenticateDevice", "ReadEvents", "AckEvents", "BatchUpdateShadow"})
 READ_PREFIXES = ("Get", "List", "Query", "Watch")
+READ_ONLY = frozenset({"BatchGetShadows"})  # reads whose names do not start like one
 
 
 def required_role(method: str) -> Role | None:
@@ -39,7 +40,7 @@ def required_role(method: str) -> Role | None:
     name = method.rsplit("/", 1)[-1]
     if name in SERVICE_ONLY:
         return "service"
-    if name.startswith(READ_PREFIXES):
+    if name in READ_ONLY or name.startswith(READ_PREFIXES):
         return "read"
     return "admin"
 

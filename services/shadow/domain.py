@@ -83,6 +83,8 @@ class UpdateResult:
     delta: JsonObject  # the whole delta after the update ({} when none)
     publish_delta: bool  # the update touched desired and a delta remains
     timestamp: int
+    # Skipped as a no-op (`skip_unchanged`): nothing to write or announce, current is previous.
+    unchanged: bool = False
 
     @property
     def client_token(self) -> str | None:
@@ -324,6 +326,18 @@ def json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Exact JSON identity, as a stored document would show it: unlike `json_equal`, 1 is not
+    1.0 (a write would change the stored text); true is not 1; objects and arrays compare whole."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same_json, a, b))
+    return bool(a == b)
+
+
 def merge(
     document: JsonObject, metadata: JsonObject, patch: JsonObject, timestamp: int
 ) -> tuple[JsonObject, JsonObject]:
@@ -401,9 +415,20 @@ def document_size(desired: JsonObject, reported: JsonObject) -> int:
 
 
 def apply_update(
-    state: ShadowState, request: UpdateRequest, now: float, limits: ShadowLimits
+    state: ShadowState,
+    request: UpdateRequest,
+    now: float,
+    limits: ShadowLimits,
+    skip_unchanged: bool = False,
 ) -> UpdateResult:
-    """Apply an update to a shadow (creating it if it does not exist)."""
+    """Apply an update to a shadow (creating it if it does not exist).
+
+    With `skip_unchanged`, a desired-only update whose merge leaves an existing shadow's
+    desired exactly as it is (`same_json`) is a no-op: the result has `unchanged` set and the
+    state as it was (same version and metadata), so nothing is written or announced. That makes
+    a re-sent fan-out batch notify each device once. A stale `version` still conflicts, and a
+    shadow that does not exist is still created: both are decided before any skipping.
+    """
     if request.version is not None and request.version != state.version:
         raise VersionConflictError(
             f"version conflict: the request names version {request.version}, "
@@ -418,6 +443,21 @@ def apply_update(
             sections[name], metadata[name] = {}, {}
         else:
             sections[name], metadata[name] = merge(sections[name], metadata[name], patch, timestamp)
+    if (
+        skip_unchanged
+        and state.exists
+        and request.sections.keys() == {"desired"}
+        and same_json(sections["desired"], state.desired)
+    ):
+        return UpdateResult(
+            previous=state,
+            current=state,
+            request=request,
+            delta=compute_delta(state.desired, state.reported),
+            publish_delta=False,
+            timestamp=timestamp,
+            unchanged=True,
+        )
     size = document_size(sections["desired"], sections["reported"])
     if size > limits.max_document_bytes:
         raise DocumentTooLargeError(

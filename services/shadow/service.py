@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from services.shadow import credentials, domain
 from services.shadow.domain import JsonObject, ShadowLimits, ShadowState, UpdateResult
@@ -41,6 +41,7 @@ MAX_EVENT_WAIT_SECONDS = 30.0
 EVENT_POLL_SECONDS = 0.2
 _UNKNOWN_DEVICE_HASH = credentials.hash_password(credentials.new_password())
 MAX_PAGE_SIZE = 1000
+MAX_BATCH_READ = 1000
 
 
 class BrokerAccounts(Protocol):
@@ -67,6 +68,16 @@ class ItemResult:
     status: str  # OK, NOT_FOUND, VERSION_CONFLICT, INVALID, TOO_LARGE
     version: int = 0
     message: str = ""
+    unchanged: bool = False  # OK without a write (skip_unchanged and a no-op patch)
+
+
+@dataclass(frozen=True)
+class ShadowRead:
+    """One device's answer in a batch read; `document` is GetShadow's document when FOUND."""
+
+    device_id: str
+    status: Literal["FOUND", "NO_SHADOW", "DEVICE_NOT_FOUND"]
+    document: JsonObject | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,37 @@ class ShadowService:
             raise ShadowNotFoundError(f"device {device_id!r} has no shadow")
         return state, domain.shadow_document(state, self.clock())
 
+    def batch_get_shadows(self, device_ids: Sequence[str]) -> list[ShadowRead]:
+        """Many devices' shadows, read with one query, in request order. 1-1000 distinct valid
+        ids; anything else is refused before the database is touched."""
+        if not 1 <= len(device_ids) <= MAX_BATCH_READ:
+            raise InvalidRequestError(
+                f"a batch read takes 1 to {MAX_BATCH_READ} device ids, got {len(device_ids)}"
+            )
+        seen: set[str] = set()
+        for index, device_id in enumerate(device_ids):
+            try:
+                domain.validate_device_id(device_id)
+            except InvalidRequestError as exc:
+                raise type(exc)(f"device_ids[{index}]: {exc}") from None
+            if device_id in seen:
+                raise InvalidRequestError(
+                    f"device_ids[{index}]: {device_id!r} is listed more than once"
+                )
+            seen.add(device_id)
+        states = self.store.get_shadows(device_ids)
+        now = self.clock()
+        reads = []
+        for device_id in device_ids:
+            state = states.get(device_id)
+            if state is None:
+                reads.append(ShadowRead(device_id, "DEVICE_NOT_FOUND"))
+            elif not state.exists:
+                reads.append(ShadowRead(device_id, "NO_SHADOW"))
+            else:
+                reads.append(ShadowRead(device_id, "FOUND", domain.shadow_document(state, now)))
+        return reads
+
     def update_shadow(self, device_id: str, request_json: str | bytes) -> UpdateResult:
         domain.validate_device_id(device_id)
         request = domain.parse_update_request(request_json, self.limits)
@@ -213,11 +255,15 @@ class ShadowService:
 
         return self.store.modify_shadow(device_id, change)
 
-    def batch_update_desired(self, items: Sequence[DesiredItem]) -> list[ItemResult]:
+    def batch_update_desired(
+        self, items: Sequence[DesiredItem], skip_unchanged: bool = False
+    ) -> list[ItemResult]:
         """Merge each item's desired patch into its device's shadow, all in one transaction.
 
         Items are independent: a bad or conflicting item gets its own result and the others
-        still apply. Several items for one device apply in request order.
+        still apply. Several items for one device apply in request order. With
+        `skip_unchanged`, an item that changes nothing is not written nor announced
+        (`domain.apply_update`) and its result says `unchanged`.
         """
         self._check_batch_size(len(items))
         entries: list[tuple[str, domain.UpdateRequest | ShadowError]] = []
@@ -235,11 +281,12 @@ class ShadowService:
                     domain.UpdateRequest({"desired": patch}, item.expected_version, token),
                 )
             )
+        outcomes = self._apply_batch(entries, skip_unchanged)
         return [
-            ItemResult(device_id, "OK", outcome.current.version)
+            ItemResult(device_id, "OK", outcome.current.version, unchanged=outcome.unchanged)
             if isinstance(outcome, UpdateResult)
             else _failure(device_id, outcome)
-            for (device_id, _), outcome in zip(entries, self._apply_batch(entries), strict=True)
+            for (device_id, _), outcome in zip(entries, outcomes, strict=True)
         ]
 
     def batch_update(
@@ -265,7 +312,9 @@ class ShadowService:
             )
 
     def _apply_batch(
-        self, entries: Sequence[tuple[str, domain.UpdateRequest | ShadowError]]
+        self,
+        entries: Sequence[tuple[str, domain.UpdateRequest | ShadowError]],
+        skip_unchanged: bool = False,
     ) -> list[UpdateResult | ShadowError]:
         outcomes: list[UpdateResult | ShadowError] = [
             request if isinstance(request, ShadowError) else DeviceNotFoundError("")
@@ -281,13 +330,17 @@ class ShadowService:
             events = []
             for index, request in requests[device_id]:
                 try:
-                    result = domain.apply_update(state, request, now, self.limits)
+                    result = domain.apply_update(
+                        state, request, now, self.limits, skip_unchanged=skip_unchanged
+                    )
                 except ShadowError as exc:
                     outcomes[index] = exc
                     continue
+                outcomes[index] = result
+                if result.unchanged:
+                    continue
                 state = result.current
                 events.append(announce(device_id, result))
-                outcomes[index] = result
             return ShadowWrite(state, events) if events else None
 
         found = self.store.modify_shadows(requests, change)

@@ -46,6 +46,13 @@ BATCH_STATUS = {
 }
 
 
+READ_STATUS = {
+    "FOUND": pb.ShadowRead.FOUND,
+    "NO_SHADOW": pb.ShadowRead.NO_SHADOW,
+    "DEVICE_NOT_FOUND": pb.ShadowRead.DEVICE_NOT_FOUND,
+}
+
+
 def _trailers(exc: ShadowError) -> list[tuple[str, str]]:
     """The shadow protocol's code, and the current version after a conflict."""
     metadata = [("ota-code", str(exc.code))]
@@ -118,6 +125,22 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         )
 
     @translate_errors
+    def BatchGetShadows(
+        self, request: pb.BatchGetShadowsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchGetShadowsResponse:
+        reads = self.service.batch_get_shadows(list(request.device_ids))
+        return pb.BatchGetShadowsResponse(
+            shadows=[
+                pb.ShadowRead(
+                    device_id=r.device_id,
+                    status=READ_STATUS[r.status],
+                    document_json=domain.dumps(r.document) if r.document is not None else "",
+                )
+                for r in reads
+            ]
+        )
+
+    @translate_errors
     def UpdateShadow(
         self, request: pb.UpdateShadowRequest, context: grpc.ServicerContext
     ) -> pb.UpdateShadowResponse:
@@ -154,7 +177,7 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
             )
             for item in request.items
         ]
-        results = self.service.batch_update_desired(items)
+        results = self.service.batch_update_desired(items, request.skip_unchanged)
         return pb.BatchUpdateDesiredResponse(
             results=[
                 pb.BatchItemResult(
@@ -162,6 +185,7 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
                     status=BATCH_STATUS[r.status],
                     version=r.version,
                     message=r.message,
+                    unchanged=r.unchanged,
                 )
                 for r in results
             ]

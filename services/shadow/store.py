@@ -204,6 +204,21 @@ class ShadowStore:
             raise DeviceNotFoundError(f"no device {device_id!r}")
         return _state(row)
 
+    def get_shadows(self, device_ids: Sequence[str]) -> dict[str, ShadowState]:
+        """The stored shadows of many devices, read with one query; unknown ids are absent."""
+        if not device_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*_SHADOW_COLUMNS).where(self._id_in(device_ids))).all()
+        return {row.device_id: _state(row) for row in rows}
+
+    def _id_in(self, device_ids: Sequence[str]) -> ColumnElement[bool]:
+        """`device_id` is one of `device_ids`: on PostgreSQL one array parameter instead of a
+        thousand, elsewhere an IN list."""
+        if self._postgres:
+            return devices.c.device_id == any_(literal(list(device_ids), type_=ARRAY(SqlText())))
+        return devices.c.device_id.in_(device_ids)
+
     def modify_shadow(
         self, device_id: str, change: Callable[[ShadowState], tuple[ShadowWrite, T]]
     ) -> T:
@@ -233,14 +248,10 @@ class ShadowStore:
         ids = sorted(set(device_ids))  # lock in id order so concurrent batches cannot deadlock
         if not ids:
             return set()
-        if self._postgres:  # one array parameter instead of a thousand
-            wanted = devices.c.device_id == any_(literal(ids, type_=ARRAY(SqlText())))
-        else:
-            wanted = devices.c.device_id.in_(ids)
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(*_SHADOW_COLUMNS)
-                .where(wanted)
+                .where(self._id_in(ids))
                 .order_by(devices.c.device_id)
                 .with_for_update()
             ).all()

@@ -63,10 +63,13 @@ def shadow_stub(address: str, token: str | None) -> shadow_pb2_grpc.ShadowServic
 def test_methods_need_the_roles_their_names_say() -> None:
     assert required_role("/ota.shadow.v1.ShadowService/GetShadow") == "read"
     assert required_role("/ota.shadow.v1.ShadowService/QueryFleet") == "read"
+    assert required_role("/ota.shadow.v1.ShadowService/BatchGetShadows") == "read"
     assert required_role("/ota.shadow.v1.ShadowService/RegisterDevice") == "admin"
     assert required_role("/ota.shadow.v1.ShadowService/BatchUpdateDesired") == "admin"
     assert required_role("/ota.shadow.v1.ShadowService/AuthenticateDevice") == "service"
     assert required_role("/ota.shadow.v1.ShadowService/ReadEvents") == "service"
+    assert required_role("/ota.shadow.v1.ShadowService/AckEvents") == "service"
+    assert required_role("/ota.shadow.v1.ShadowService/BatchUpdateShadow") == "service"
     assert required_role("/grpc.health.v1.Health/Check") is None
 
 
@@ -93,6 +96,8 @@ def test_roles_grant_what_they_say(shadow_address: str, shadow_service: ShadowSe
     assert code_of(operator.RegisterDevice, register) == grpc.StatusCode.OK
     assert code_of(viewer.GetDevice, pb.GetDeviceRequest(device_id="dev-1")) == grpc.StatusCode.OK
     assert code_of(viewer.QueryFleet, pb.QueryFleetRequest()) == grpc.StatusCode.OK
+    batch_read = pb.BatchGetShadowsRequest(device_ids=["dev-1"])
+    assert code_of(viewer.BatchGetShadows, batch_read) == grpc.StatusCode.OK
     authenticate = pb.AuthenticateDeviceRequest(device_id="dev-1", password="x")
     # Operators cannot use the services' own calls (no password guessing through the API).
     assert code_of(operator.AuthenticateDevice, authenticate) == grpc.StatusCode.PERMISSION_DENIED

@@ -354,6 +354,99 @@ class GetShadowRequest(_message.Message):
 Global___GetShadowRequest: _TypeAlias = GetShadowRequest  # noqa: Y015
 
 @_typing.final
+class BatchGetShadowsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1-1000 distinct device ids."""
+
+    def __init__(
+        self,
+        *,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetShadowsRequest: _TypeAlias = BatchGetShadowsRequest  # noqa: Y015
+
+@_typing.final
+class ShadowRead(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Status:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ShadowRead._Status.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATUS_UNSPECIFIED: ShadowRead._Status.ValueType  # 0
+        FOUND: ShadowRead._Status.ValueType  # 1
+        """The device has a shadow; document_json holds it."""
+        NO_SHADOW: ShadowRead._Status.ValueType  # 2
+        """The device is registered but has no shadow document (never updated, or deleted)."""
+        DEVICE_NOT_FOUND: ShadowRead._Status.ValueType  # 3
+        """No device is registered under this id."""
+
+    class Status(_Status, metaclass=_StatusEnumTypeWrapper): ...
+    STATUS_UNSPECIFIED: ShadowRead.Status.ValueType  # 0
+    FOUND: ShadowRead.Status.ValueType  # 1
+    """The device has a shadow; document_json holds it."""
+    NO_SHADOW: ShadowRead.Status.ValueType  # 2
+    """The device is registered but has no shadow document (never updated, or deleted)."""
+    DEVICE_NOT_FOUND: ShadowRead.Status.ValueType  # 3
+    """No device is registered under this id."""
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DOCUMENT_JSON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    status: Global___ShadowRead.Status.ValueType
+    document_json: _builtins.str
+    """The whole shadow document as GetShadow returns it when FOUND; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        status: Global___ShadowRead.Status.ValueType = ...,
+        document_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "document_json", b"document_json", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRead: _TypeAlias = ShadowRead  # noqa: Y015
+
+@_typing.final
+class BatchGetShadowsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHADOWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowRead]:
+        """One read per requested id, in request order."""
+
+    def __init__(
+        self,
+        *,
+        shadows: _abc.Iterable[Global___ShadowRead] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shadows", b"shadows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetShadowsResponse: _TypeAlias = BatchGetShadowsResponse  # noqa: Y015
+
+@_typing.final
 class Shadow(_message.Message):
     """A whole shadow document as AWS IoT returns it:
     {"state": {"desired", "reported", "delta"}, "metadata": {...}, "version", "timestamp"}.
@@ -518,16 +611,26 @@ class BatchUpdateDesiredRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
+    SKIP_UNCHANGED_FIELD_NUMBER: _builtins.int
+    skip_unchanged: _builtins.bool
+    """When true, an item whose patch would leave the shadow's state.desired exactly as it is
+    (the merge result equals the current desired: values and JSON types, e.g. a patch that is
+    a subset of what is already desired) is not written: no version bump, no metadata change,
+    no outbox event. Its result is OK with unchanged = true and the current version. A shadow
+    that does not exist yet is always written (creating it is a change). expected_version is
+    still checked first: a stale one is VERSION_CONFLICT. False: every item is written.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredPatch]: ...
     def __init__(
         self,
         *,
         items: _abc.Iterable[Global___DesiredPatch] | None = ...,
+        skip_unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "skip_unchanged", b"skip_unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,11 +665,14 @@ class BatchItemResult(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     status: Global___BatchItemResult.Status.ValueType
     version: _builtins.int
     """The shadow version after the update (OK), or the current version (VERSION_CONFLICT)."""
     message: _builtins.str
+    unchanged: _builtins.bool
+    """OK without a write: skip_unchanged was set and the patch changed nothing."""
     def __init__(
         self,
         *,
@@ -574,10 +680,11 @@ class BatchItemResult(_message.Message):
         status: Global___BatchItemResult.Status.ValueType = ...,
         version: _builtins.int = ...,
         message: _builtins.str = ...,
+        unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "message", b"message", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "message", b"message", "status", b"status", "unchanged", b"unchanged", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

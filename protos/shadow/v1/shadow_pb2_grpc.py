@@ -64,6 +64,11 @@ class ShadowServiceStub:
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.GetShadowRequest.SerializeToString,
                 response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.Shadow.FromString,
                 _registered_method=True)
+        self.BatchGetShadows = channel.unary_unary(
+                '/ota.shadow.v1.ShadowService/BatchGetShadows',
+                request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsRequest.SerializeToString,
+                response_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsResponse.FromString,
+                _registered_method=True)
         self.UpdateShadow = channel.unary_unary(
                 '/ota.shadow.v1.ShadowService/UpdateShadow',
                 request_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.UpdateShadowRequest.SerializeToString,
@@ -144,6 +149,17 @@ class ShadowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchGetShadows(self, request, context):
+        """Reads many shadows with one query: one ShadowRead per requested id, in request order, each
+        FOUND (document_json exactly as GetShadow returns it), NO_SHADOW (the device exists but has
+        no shadow document: never updated, or deleted) or DEVICE_NOT_FOUND. 1-1000 ids, each a valid
+        device id, no duplicates; otherwise INVALID_ARGUMENT and nothing is read. A read: needs
+        role `read`. The rollout's path for its devices' reported state, never one GetShadow each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateShadow(self, request, context):
         """Merges desired and/or reported state into the shadow (AWS "UpdateThingShadow").
         """
@@ -160,7 +176,10 @@ class ShadowServiceServicer:
 
     def BatchUpdateDesired(self, request, context):
         """Merges a desired patch into many devices' shadows in one transaction, with a result per
-        item. This is the rollout fan-out path: never one RPC per device.
+        item. This is the rollout fan-out path: never one RPC per device. With skip_unchanged, an
+        item that would leave an existing shadow's state.desired exactly as it is is not written
+        (same version, same metadata, no delta / documents event) and reports OK with unchanged
+        set, so a re-sent batch notifies each device at most once per desired version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -227,6 +246,11 @@ def add_ShadowServiceServicer_to_server(servicer, server):
                     servicer.GetShadow,
                     request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.GetShadowRequest.FromString,
                     response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.Shadow.SerializeToString,
+            ),
+            'BatchGetShadows': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetShadows,
+                    request_deserializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsRequest.FromString,
+                    response_serializer=protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsResponse.SerializeToString,
             ),
             'UpdateShadow': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateShadow,
@@ -426,6 +450,33 @@ class ShadowService:
             '/ota.shadow.v1.ShadowService/GetShadow',
             protos_dot_shadow_dot_v1_dot_shadow__pb2.GetShadowRequest.SerializeToString,
             protos_dot_shadow_dot_v1_dot_shadow__pb2.Shadow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetShadows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ota.shadow.v1.ShadowService/BatchGetShadows',
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsRequest.SerializeToString,
+            protos_dot_shadow_dot_v1_dot_shadow__pb2.BatchGetShadowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

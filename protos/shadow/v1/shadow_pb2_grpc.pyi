@@ -47,13 +47,23 @@ class ShadowServiceStub:
     A wrong password and an unknown device get the same answer.
     """
     GetShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.GetShadowRequest, _shadow_pb2.Shadow]
+    BatchGetShadows: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.BatchGetShadowsRequest, _shadow_pb2.BatchGetShadowsResponse]
+    """Reads many shadows with one query: one ShadowRead per requested id, in request order, each
+    FOUND (document_json exactly as GetShadow returns it), NO_SHADOW (the device exists but has
+    no shadow document: never updated, or deleted) or DEVICE_NOT_FOUND. 1-1000 ids, each a valid
+    device id, no duplicates; otherwise INVALID_ARGUMENT and nothing is read. A read: needs
+    role `read`. The rollout's path for its devices' reported state, never one GetShadow each.
+    """
     UpdateShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.UpdateShadowRequest, _shadow_pb2.UpdateShadowResponse]
     """Merges desired and/or reported state into the shadow (AWS "UpdateThingShadow")."""
     DeleteShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.DeleteShadowRequest, _shadow_pb2.DeleteShadowResponse]
     """Clears the shadow's state; its version number is kept, as AWS IoT does."""
     BatchUpdateDesired: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateDesiredRequest, _shadow_pb2.BatchUpdateDesiredResponse]
     """Merges a desired patch into many devices' shadows in one transaction, with a result per
-    item. This is the rollout fan-out path: never one RPC per device.
+    item. This is the rollout fan-out path: never one RPC per device. With skip_unchanged, an
+    item that would leave an existing shadow's state.desired exactly as it is is not written
+    (same version, same metadata, no delta / documents event) and reports OK with unchanged
+    set, so a re-sent batch notifies each device at most once per desired version.
     """
     BatchUpdateShadow: _grpc.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateShadowRequest, _shadow_pb2.BatchUpdateShadowResponse]
     """Applies many whole update requests (what devices publish to <id>/state/update) in one
@@ -81,13 +91,23 @@ class ShadowServiceAsyncStub(ShadowServiceStub):
     A wrong password and an unknown device get the same answer.
     """
     GetShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.GetShadowRequest, _shadow_pb2.Shadow]  # type: ignore[assignment]
+    BatchGetShadows: _aio.UnaryUnaryMultiCallable[_shadow_pb2.BatchGetShadowsRequest, _shadow_pb2.BatchGetShadowsResponse]  # type: ignore[assignment]
+    """Reads many shadows with one query: one ShadowRead per requested id, in request order, each
+    FOUND (document_json exactly as GetShadow returns it), NO_SHADOW (the device exists but has
+    no shadow document: never updated, or deleted) or DEVICE_NOT_FOUND. 1-1000 ids, each a valid
+    device id, no duplicates; otherwise INVALID_ARGUMENT and nothing is read. A read: needs
+    role `read`. The rollout's path for its devices' reported state, never one GetShadow each.
+    """
     UpdateShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.UpdateShadowRequest, _shadow_pb2.UpdateShadowResponse]  # type: ignore[assignment]
     """Merges desired and/or reported state into the shadow (AWS "UpdateThingShadow")."""
     DeleteShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.DeleteShadowRequest, _shadow_pb2.DeleteShadowResponse]  # type: ignore[assignment]
     """Clears the shadow's state; its version number is kept, as AWS IoT does."""
     BatchUpdateDesired: _aio.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateDesiredRequest, _shadow_pb2.BatchUpdateDesiredResponse]  # type: ignore[assignment]
     """Merges a desired patch into many devices' shadows in one transaction, with a result per
-    item. This is the rollout fan-out path: never one RPC per device.
+    item. This is the rollout fan-out path: never one RPC per device. With skip_unchanged, an
+    item that would leave an existing shadow's state.desired exactly as it is is not written
+    (same version, same metadata, no delta / documents event) and reports OK with unchanged
+    set, so a re-sent batch notifies each device at most once per desired version.
     """
     BatchUpdateShadow: _aio.UnaryUnaryMultiCallable[_shadow_pb2.BatchUpdateShadowRequest, _shadow_pb2.BatchUpdateShadowResponse]  # type: ignore[assignment]
     """Applies many whole update requests (what devices publish to <id>/state/update) in one
@@ -150,6 +170,19 @@ class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shadow_pb2.Shadow, _abc.Awaitable[_shadow_pb2.Shadow]]: ...
 
     @_abc_1.abstractmethod
+    def BatchGetShadows(
+        self,
+        request: _shadow_pb2.BatchGetShadowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shadow_pb2.BatchGetShadowsResponse, _abc.Awaitable[_shadow_pb2.BatchGetShadowsResponse]]:
+        """Reads many shadows with one query: one ShadowRead per requested id, in request order, each
+        FOUND (document_json exactly as GetShadow returns it), NO_SHADOW (the device exists but has
+        no shadow document: never updated, or deleted) or DEVICE_NOT_FOUND. 1-1000 ids, each a valid
+        device id, no duplicates; otherwise INVALID_ARGUMENT and nothing is read. A read: needs
+        role `read`. The rollout's path for its devices' reported state, never one GetShadow each.
+        """
+
+    @_abc_1.abstractmethod
     def UpdateShadow(
         self,
         request: _shadow_pb2.UpdateShadowRequest,
@@ -172,7 +205,10 @@ class ShadowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shadow_pb2.BatchUpdateDesiredResponse, _abc.Awaitable[_shadow_pb2.BatchUpdateDesiredResponse]]:
         """Merges a desired patch into many devices' shadows in one transaction, with a result per
-        item. This is the rollout fan-out path: never one RPC per device.
+        item. This is the rollout fan-out path: never one RPC per device. With skip_unchanged, an
+        item that would leave an existing shadow's state.desired exactly as it is is not written
+        (same version, same metadata, no delta / documents event) and reports OK with unchanged
+        set, so a re-sent batch notifies each device at most once per desired version.
         """
 
     @_abc_1.abstractmethod
