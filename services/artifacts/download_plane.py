@@ -40,6 +40,7 @@ from services.artifacts.errors import (
 )
 from services.artifacts.service import DownloadGrant, DownloadService
 from services.artifacts.shadow_client import ShadowDirectory
+from services.common.observability import DOWNLOAD_BYTES, DOWNLOADS, TOKEN_EXCHANGES
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,15 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
     except Exception as exc:
         # The type only: a message or traceback could carry a secret from the request.
-        log.error("unexpected %s while serving %s", type(exc).__name__, _route(request))
+        artifact_id = request.match_info.get("artifact_id")
+        if artifact_id is not None and not domain.ARTIFACT_ID_PATTERN.fullmatch(artifact_id):
+            artifact_id = None  # only a well-formed id reaches the log
+        log.error(
+            "unexpected %s while serving %s",
+            type(exc).__name__,
+            _route(request),
+            extra={"artifact_id": artifact_id},
+        )
         return error_response(500, "internal", "internal error")
 
 
@@ -267,9 +276,14 @@ class DownloadPlane:
     # --- POST /v1/downloads ---------------------------------------------------------------------
 
     async def exchange(self, request: web.Request) -> web.Response:
-        device_id = await self._device(request)
-        token = _token_from_body(await request.read())
-        grant = await self._blocking(self.downloads.exchange, device_id, token)
+        try:
+            device_id = await self._device(request)
+            token = _token_from_body(await request.read())
+            grant = await self._blocking(self.downloads.exchange, device_id, token)
+        except ArtifactError as exc:
+            TOKEN_EXCHANGES.labels(exc.code).inc()
+            raise
+        TOKEN_EXCHANGES.labels("ok").inc()
         return web.json_response(self._grant_json(grant), headers={hdrs.CACHE_CONTROL: "no-store"})
 
     def _grant_json(self, grant: DownloadGrant) -> dict[str, Any]:
@@ -292,6 +306,19 @@ class DownloadPlane:
     # --- GET /v1/downloads/{url_id} -------------------------------------------------------------
 
     async def download(self, request: web.Request) -> web.StreamResponse:
+        try:
+            response, complete = await self._download(request)
+        except ArtifactError as exc:
+            DOWNLOADS.labels(exc.code).inc()
+            raise
+        except ConnectionResetError:
+            DOWNLOADS.labels("disconnected").inc()
+            raise
+        DOWNLOADS.labels("complete" if complete else "partial").inc()
+        return response
+
+    async def _download(self, request: web.Request) -> tuple[web.StreamResponse, bool]:
+        """The response, and whether it sent the artifact's last byte."""
         credentials = domain.parse_basic_auth(request.headers.get(hdrs.AUTHORIZATION))
         # The URL lookup runs while the shadow service checks the password (a download's
         # latency is both added up otherwise), but its verdict is heard only after the
@@ -333,9 +360,10 @@ class DownloadPlane:
                 file.close()
         finally:
             self.slots.release()
-        if byte_range is None or byte_range.reaches_end(artifact.size):
+        complete = byte_range is None or byte_range.reaches_end(artifact.size)
+        if complete:
             await self._blocking(self.downloads.complete, opened.url_hash)
-        return response
+        return response, complete
 
     async def _send(
         self,
@@ -364,6 +392,7 @@ class DownloadPlane:
             raise ConnectionResetError("the device went away")
         loop = asyncio.get_running_loop()
         chunk = self.pacer.chunk_bytes if self.pacer is not None else count
+        first = offset
         try:
             while count > 0:
                 step = min(chunk, count)
@@ -374,6 +403,8 @@ class DownloadPlane:
                 count -= step
         except RuntimeError:  # "transport is closing": the device went away mid-download
             raise ConnectionResetError("the device went away") from None
+        finally:
+            DOWNLOAD_BYTES.inc(offset - first)  # once per download, what was sent
         await response.write_eof()
         return response
 

@@ -31,6 +31,11 @@ from services.artifacts.store import ArtifactStore
 from services.common import db
 from services.common.auth import server_interceptors
 from services.common.grpc_server import add_health_and_reflection, bind, new_server
+from services.common.observability import (
+    configure_logging,
+    server_metrics_interceptor,
+    start_metrics_server,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_artifacts"
@@ -118,9 +123,8 @@ async def start_plane(settings: ArtifactSettings, downloads: DownloadService) ->
 async def serve(settings: ArtifactSettings) -> None:
     services = build_services(settings)
     plane = await start_plane(settings, services.downloads)
-    server, port = create_server(
-        settings, services.artifacts, plane.plane.base_url, server_interceptors()
-    )
+    interceptors = [server_metrics_interceptor(), *server_interceptors()]
+    server, port = create_server(settings, services.artifacts, plane.plane.base_url, interceptors)
     server.start()
     log.info(
         "artifact service listening on port %d, download plane on port %d (%s storage)",
@@ -142,7 +146,7 @@ async def serve(settings: ArtifactSettings) -> None:
 def main() -> None:
     """`python -m services.artifacts` serves; `python -m services.artifacts resign` re-signs
     every stored manifest with the configured key (key rotation, docs/adr/0012) and exits."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("artifacts")
     settings = ArtifactSettings.from_env()
     command = sys.argv[1:]
     if command == ["resign"]:
@@ -152,6 +156,7 @@ def main() -> None:
         return
     if command:
         raise SystemExit("usage: python -m services.artifacts [resign]")
+    start_metrics_server()
     asyncio.run(serve(settings))
 
 

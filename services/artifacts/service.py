@@ -20,6 +20,7 @@ from typing import Any
 from services.artifacts import domain
 from services.artifacts.domain import ArtifactSpec, TokenRecord, UrlRecord
 from services.artifacts.errors import (
+    ArtifactError,
     ArtifactExistsError,
     ArtifactInUseError,
     ArtifactNotFoundError,
@@ -30,6 +31,7 @@ from services.artifacts.errors import (
 from services.artifacts.signing import Signer
 from services.artifacts.storage import LocalFile, RemoteUrl, Storage
 from services.artifacts.store import ArtifactRecord, ArtifactStore
+from services.common.observability import ARTIFACT_UPLOADS
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,18 @@ class ArtifactService:
         Any failure (limits, mismatch, a cancelled stream, storage, a duplicate) aborts the
         blob writer, so nothing of a rejected upload stays stored.
         """
+        try:
+            record = self._upload(spec, chunks)
+        except ArtifactError as exc:
+            ARTIFACT_UPLOADS.labels(exc.code).inc()
+            raise
+        except BaseException:  # the stream was cancelled, or a bug
+            ARTIFACT_UPLOADS.labels("aborted").inc()
+            raise
+        ARTIFACT_UPLOADS.labels("ok").inc()
+        return record
+
+    def _upload(self, spec: ArtifactSpec, chunks: Iterable[bytes]) -> ArtifactRecord:
         if self.store.exists(spec.name, spec.version):
             raise ArtifactExistsError(f"artifact {spec.name} {spec.version} already exists")
         meter = domain.UploadMeter(spec, self.max_bytes)
@@ -115,6 +129,7 @@ class ArtifactService:
             spec.name,
             spec.version,
             digest.size,
+            extra={"artifact_id": record.artifact_id},
         )
         return record
 
@@ -141,7 +156,7 @@ class ArtifactService:
         record, unreferenced = self.store.delete_artifact(artifact_id)
         if unreferenced:
             self.storage.delete(record.sha256)
-        log.info("artifact %s deleted", artifact_id)
+        log.info("artifact %s deleted", artifact_id, extra={"artifact_id": artifact_id})
 
     def resign(self) -> int:
         """Sign every stored manifest that another key signed with the current key (step 3

@@ -6,18 +6,17 @@ OTA_BROKER_ACCOUNTS_FILE (JSON {username: "$7$..." hash} of the service accounts
 
 import asyncio
 import json
-import logging
 import os
 import signal
 from pathlib import Path
 
 from services.broker.embedded import broker_config, run_broker
+from services.common.observability import configure_logging
 
 
 async def main() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    # amqtt reports every connection at INFO: WARNING unless OTA_LOG_LEVEL asks for more.
+    configure_logging("broker", default_level="WARNING")
     host, _, port = os.environ.get("OTA_EMBEDDED_MQTT_LISTEN", "127.0.0.1:1883").rpartition(":")
     accounts_file = os.environ.get("OTA_BROKER_ACCOUNTS_FILE")
     accounts = json.loads(Path(accounts_file).read_text()) if accounts_file else {}

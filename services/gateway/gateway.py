@@ -28,6 +28,13 @@ import grpc
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc
 from services.common.auth import bearer_aio_channel
+from services.common.observability import (
+    GATEWAY_BATCH_SECONDS,
+    GATEWAY_MESSAGES,
+    GATEWAY_PUBLISHES,
+    configure_logging,
+    start_metrics_server,
+)
 from services.gateway import protocol
 from services.gateway.protocol import Inbound, RateLimiter
 from services.gateway.settings import GatewaySettings
@@ -180,7 +187,9 @@ class Gateway:
             if not pending:
                 arrived.clear()
             room.set()
+            started = time.perf_counter()
             await self._publish_all(client, await self.answer(batch))
+            GATEWAY_BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def answer(self, batch: list[Inbound]) -> list[tuple[str, str | bytes]]:
         """The accepted / rejected message for each device message of a batch, in order.
@@ -194,8 +203,11 @@ class Gateway:
         updates: list[tuple[int, Inbound]] = []
         gets: list[tuple[int, Inbound]] = []
         tokens = [protocol.client_token_of(item.payload, limit) for item in batch]
+        rejected = 0
 
         def reject(index: int, code: int, message: str) -> None:
+            nonlocal rejected
+            rejected += 1
             item = batch[index]
             body = protocol.rejected_body(code, message, tokens[index], now)
             answers[index] = (protocol.reply_topic(item.device_id, item.action, "rejected"), body)
@@ -247,6 +259,11 @@ class Gateway:
                 else:
                     accept(index, document)
         self.handled += len(batch)
+        got = sum(1 for item in batch if item.action == "get")
+        GATEWAY_MESSAGES.labels("in", "get").inc(got)
+        GATEWAY_MESSAGES.labels("in", "update").inc(len(batch) - got)
+        GATEWAY_MESSAGES.labels("out", "accepted").inc(len(batch) - rejected)
+        GATEWAY_MESSAGES.labels("out", "rejected").inc(rejected)
         return answers
 
     async def _get(self, device_id: str, token: str | None) -> bytes:
@@ -282,8 +299,11 @@ class Gateway:
                 )
                 if not reply.events:
                     continue
-                await self._publish_all(client, [m for e in reply.events for m in messages_of(e)])
+                messages = [m for e in reply.events for m in messages_of(e)]
+                await self._publish_all(client, messages)
                 self.published_events += len(reply.events)
+                GATEWAY_MESSAGES.labels("out", "documents").inc(len(reply.events))
+                GATEWAY_MESSAGES.labels("out", "delta").inc(len(messages) - len(reply.events))
                 await self.shadow.AckEvents(
                     pb.AckEventsRequest(event_ids=[e.event_id for e in reply.events]),
                     timeout=RPC_TIMEOUT,
@@ -306,6 +326,7 @@ class Gateway:
                     for topic, payload in messages[start : start + PUBLISH_WINDOW]
                 )
             )
+        GATEWAY_PUBLISHES.inc(len(messages))
 
 
 def _is_utf8(payload: bytes) -> bool:
@@ -333,8 +354,9 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("gateway")
     settings = GatewaySettings.from_env()
+    start_metrics_server()
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -19,6 +19,11 @@ from services.common.grpc_server import (
     run_until_signalled,
 )
 from services.common.mqtt import MqttEndpoint
+from services.common.observability import (
+    configure_logging,
+    server_metrics_interceptor,
+    start_metrics_server,
+)
 from services.shadow.service import ShadowService
 from services.shadow.servicer import ShadowServicer
 from services.shadow.settings import ShadowSettings
@@ -61,9 +66,11 @@ def create_server(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("shadow")
     settings = ShadowSettings.from_env()
-    server, port = create_server(settings, build_service(settings), server_interceptors())
+    start_metrics_server()
+    interceptors = [server_metrics_interceptor(), *server_interceptors()]
+    server, port = create_server(settings, build_service(settings), interceptors)
     log.info("shadow service listening on port %d (database %s)", port, settings.database_url)
     run_until_signalled(server)
 

@@ -5,11 +5,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+from operator import attrgetter
+
 import grpc
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc as pb_grpc
 from services.common.grpc_errors import error_translator
+from services.common.observability import SHADOW_BATCH_ITEMS, SHADOW_UPDATES
 from services.shadow import domain
 from services.shadow.errors import (
     BrokerUnavailableError,
@@ -51,6 +56,32 @@ READ_STATUS = {
     "NO_SHADOW": pb.ShadowRead.NO_SHADOW,
     "DEVICE_NOT_FOUND": pb.ShadowRead.DEVICE_NOT_FOUND,
 }
+
+# Outcome labels of ota_shadow_updates_total: BATCH_STATUS's names in lower case.
+UPDATE_OUTCOMES: dict[type, str] = {
+    VersionConflictError: "version_conflict",
+    DeviceNotFoundError: "not_found",
+    DocumentTooLargeError: "too_large",
+    RateLimitedError: "rate_limited",
+}
+
+
+def update_outcome(kind: type) -> str:
+    """The outcome label of an update result or error class (a few fixed values)."""
+    if not issubclass(kind, ShadowError):
+        return "ok"
+    for cls in kind.__mro__:
+        if cls in UPDATE_OUTCOMES:
+            return UPDATE_OUTCOMES[cls]
+    return "invalid" if issubclass(kind, InvalidRequestError) else "error"
+
+
+def count_updates(rpc: str, items: int, outcomes: Iterable[tuple[str, int]]) -> None:
+    """One increment per (outcome, count) of a batch, not one per item."""
+    if items:
+        SHADOW_BATCH_ITEMS.labels(rpc).inc(items)
+    for outcome, n in outcomes:
+        SHADOW_UPDATES.labels(rpc, outcome).inc(n)
 
 
 def _trailers(exc: ShadowError) -> list[tuple[str, str]]:
@@ -144,7 +175,12 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
     def UpdateShadow(
         self, request: pb.UpdateShadowRequest, context: grpc.ServicerContext
     ) -> pb.UpdateShadowResponse:
-        result = self.service.update_shadow(request.device_id, request.request_json)
+        try:
+            result = self.service.update_shadow(request.device_id, request.request_json)
+        except ShadowError as exc:
+            SHADOW_UPDATES.labels("UpdateShadow", update_outcome(type(exc))).inc()
+            raise
+        SHADOW_UPDATES.labels("UpdateShadow", "ok").inc()
         return pb.UpdateShadowResponse(
             version=result.current.version,
             accepted_json=domain.dumps(result.accepted),
@@ -178,6 +214,10 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
             for item in request.items
         ]
         results = self.service.batch_update_desired(items, request.skip_unchanged)
+        statuses = Counter(map(attrgetter("status"), results))
+        count_updates(
+            "BatchUpdateDesired", len(items), ((k.lower(), n) for k, n in statuses.items())
+        )
         return pb.BatchUpdateDesiredResponse(
             results=[
                 pb.BatchItemResult(
@@ -197,6 +237,10 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
     ) -> pb.BatchUpdateShadowResponse:
         outcomes = self.service.batch_update(
             [(item.device_id, item.request_json) for item in request.items]
+        )
+        kinds = Counter(map(type, outcomes))
+        count_updates(
+            "BatchUpdateShadow", len(outcomes), ((update_outcome(k), n) for k, n in kinds.items())
         )
         results = []
         for item, outcome in zip(request.items, outcomes, strict=True):
