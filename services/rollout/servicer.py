@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import math
+import threading
+from collections.abc import Iterator
+
 import grpc
 
 from protos.rollout.v1 import rollout_pb2 as pb
 from protos.rollout.v1 import rollout_pb2_grpc as pb_grpc
-from services.common.grpc_errors import error_translator
+from services.common.grpc_errors import error_translator, status_for
 from services.rollout.domain import (
+    ACTIVE,
     ExecutionStatus,
     ExponentialRamp,
     FailureThreshold,
@@ -52,6 +57,9 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 translate_errors = error_translator(RolloutError, STATUS_CODES)
 
 STATUS_TO_PROTO = {status: pb.RolloutStatus.Value(status.value) for status in RolloutStatus}
+
+WATCH_INTERVAL = 0.5  # seconds between two polls of a watched rollout, unless asked otherwise
+WATCH_INTERVAL_BOUNDS = (0.2, 10.0)
 
 
 # --- proto -> domain ------------------------------------------------------------------------------
@@ -209,6 +217,30 @@ def view_to_proto(view: RolloutView) -> pb.Rollout:
     )
 
 
+def watch_interval(request: pb.WatchRolloutRequest) -> float:
+    if not request.HasField("interval_seconds"):
+        return WATCH_INTERVAL
+    low, high = WATCH_INTERVAL_BOUNDS
+    value = request.interval_seconds
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRolloutError(f"interval_seconds must be between {low} and {high}")
+    return value
+
+
+def _settled(view: RolloutView, claiming: bool) -> bool:
+    """Nothing more will happen to the rollout: COMPLETED, or ABORTED once its last pass let
+    its devices go (ADR 35: claims are released when nothing is in flight and no rollback is
+    pending). The claims matter as well as the counts: right after an operator's abort, before
+    the next pass, a rollback_on_abort rollout shows no rollback pending yet."""
+    status = view.record.rollout.state.status
+    if status == RolloutStatus.COMPLETED:
+        return True
+    if status != RolloutStatus.ABORTED or claiming:
+        return False
+    in_flight = sum(count for s, count in view.progress.by_status if s in ACTIVE)
+    return in_flight == 0 and view.progress.rollbacks_pending == 0
+
+
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def __init__(self, service: RolloutService) -> None:
         self.service = service
@@ -275,3 +307,36 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.ListRolloutsResponse(
             rollouts=[view_to_proto(v) for v in views], next_page_token=token
         )
+
+    def WatchRollout(
+        self, request: pb.WatchRolloutRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Rollout]:
+        """Polls the database, not in-process events: passes run in other processes too.
+        Each poll reads the rollout's row only; the executions are read again only when its
+        revision moved (every write bumps it, ADR 36), and a rollout is sent only when what
+        the client would see differs from what it was sent last."""
+        # `translate_errors` cannot wrap a generator (it would return before the first read).
+        try:
+            interval = watch_interval(request)
+            rollout_id = request.rollout_id
+            store = self.service.store
+            gone = threading.Event()
+            context.add_callback(gone.set)  # the client went away or the deadline passed
+            revision: int | None = None
+            sent: pb.Rollout | None = None
+            while context.is_active():
+                if store.get(rollout_id).revision != revision:
+                    view = self.service.get(rollout_id)
+                    revision = view.record.revision
+                    current = view_to_proto(view)
+                    if current != sent:
+                        yield current
+                        sent = current
+                    aborted = view.record.rollout.state.status == RolloutStatus.ABORTED
+                    # Releasing the claims is a write too: it moves the revision.
+                    if _settled(view, aborted and store.claiming(rollout_id)):
+                        return
+                if gone.wait(interval):
+                    return
+        except RolloutError as exc:
+            context.abort(status_for(exc, STATUS_CODES), str(exc))

@@ -675,6 +675,31 @@ class ListRolloutsRequest(_message.Message):
 Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
 
 @_typing.final
+class WatchRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    interval_seconds: _builtins.float
+    """0.2 to 10; default 0.5"""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        interval_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_interval_seconds", b"_interval_seconds", "interval_seconds", b"interval_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_interval_seconds", b"_interval_seconds", "interval_seconds", b"interval_seconds", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__interval_seconds: _TypeAlias = _typing.Literal["interval_seconds"]  # noqa: Y015
+    _WhichOneofArgType__interval_seconds: _TypeAlias = _typing.Literal["_interval_seconds", b"_interval_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__interval_seconds) -> _WhichOneofReturnType__interval_seconds | None: ...
+
+Global___WatchRolloutRequest: _TypeAlias = WatchRolloutRequest  # noqa: Y015
+
+@_typing.final
 class ListRolloutsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

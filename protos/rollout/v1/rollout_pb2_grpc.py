@@ -74,6 +74,11 @@ class RolloutServiceStub:
                 request_serializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsRequest.SerializeToString,
                 response_deserializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsResponse.FromString,
                 _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/ota.rollout.v1.RolloutService/WatchRollout',
+                request_serializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.WatchRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -132,6 +137,16 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRollout(self, request, context):
+        """The rollout at once, then again each time it changes (the service polls the database
+        every interval_seconds, so passes run by other processes show too). The stream ends after
+        a rollout in a final state: COMPLETED, or ABORTED with nothing in flight and no rollback
+        pending. NOT_FOUND for an unknown id; INVALID_ARGUMENT for an interval out of bounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +189,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.ListRollouts,
                     request_deserializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsRequest.FromString,
                     response_serializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.WatchRolloutRequest.FromString,
+                    response_serializer=protos_dot_rollout_dot_v1_dot_rollout__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +412,33 @@ class RolloutService:
             '/ota.rollout.v1.RolloutService/ListRollouts',
             protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsRequest.SerializeToString,
             protos_dot_rollout_dot_v1_dot_rollout__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ota.rollout.v1.RolloutService/WatchRollout',
+            protos_dot_rollout_dot_v1_dot_rollout__pb2.WatchRolloutRequest.SerializeToString,
+            protos_dot_rollout_dot_v1_dot_rollout__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class RolloutServiceStub:
     """Cancels what has not started and, with rollback_on_abort, rolls back what has."""
     GetRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.Rollout]
     ListRollouts: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutsRequest, _rollout_pb2.ListRolloutsResponse]
+    WatchRollout: _grpc.UnaryStreamMultiCallable[_rollout_pb2.WatchRolloutRequest, _rollout_pb2.Rollout]
+    """The rollout at once, then again each time it changes (the service polls the database
+    every interval_seconds, so passes run by other processes show too). The stream ends after
+    a rollout in a final state: COMPLETED, or ABORTED with nothing in flight and no rollback
+    pending. NOT_FOUND for an unknown id; INVALID_ARGUMENT for an interval out of bounds.
+    """
 
 @_typing.type_check_only
 class RolloutServiceAsyncStub(RolloutServiceStub):
@@ -65,6 +71,12 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """Cancels what has not started and, with rollback_on_abort, rolls back what has."""
     GetRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.GetRolloutRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
     ListRollouts: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ListRolloutsRequest, _rollout_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    WatchRollout: _aio.UnaryStreamMultiCallable[_rollout_pb2.WatchRolloutRequest, _rollout_pb2.Rollout]  # type: ignore[assignment]
+    """The rollout at once, then again each time it changes (the service polls the database
+    every interval_seconds, so passes run by other processes show too). The stream ends after
+    a rollout in a final state: COMPLETED, or ABORTED with nothing in flight and no rollback
+    pending. NOT_FOUND for an unknown id; INVALID_ARGUMENT for an interval out of bounds.
+    """
 
 class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -128,5 +140,17 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rollout_pb2.ListRolloutsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.ListRolloutsResponse, _abc.Awaitable[_rollout_pb2.ListRolloutsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchRollout(
+        self,
+        request: _rollout_pb2.WatchRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rollout_pb2.Rollout], _abc.AsyncIterator[_rollout_pb2.Rollout]]:
+        """The rollout at once, then again each time it changes (the service polls the database
+        every interval_seconds, so passes run by other processes show too). The stream ends after
+        a rollout in a final state: COMPLETED, or ABORTED with nothing in flight and no rollback
+        pending. NOT_FOUND for an unknown id; INVALID_ARGUMENT for an interval out of bounds.
+        """
 
 def add_RolloutServiceServicer_to_server(servicer: RolloutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
