@@ -9,6 +9,8 @@
 - `rollout_dispatches`: the desired-state writes a committed pass still has to send (an outbox):
   written in the pass's transaction, deleted once `BatchUpdateDesired` took them, so a crash
   between commit and fan-out loses nothing. One row per device: the newest write wins.
+  `leased_until` is set when a batch of them is handed to a fan-out task; a write whose lease
+  ran out unsent (its worker died) is leased and handed out again.
 """
 
 from sqlalchemy import (
@@ -76,5 +78,6 @@ rollout_dispatches = Table(
     Column("device_id", String(128), primary_key=True),
     Column("rollout_id", String(64), nullable=False),
     Column("desired_json", Text, nullable=False),
+    Column("leased_until", Float, nullable=True),
     Index("rollout_dispatches_rollout", "rollout_id"),
 )

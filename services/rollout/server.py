@@ -1,12 +1,13 @@
 """Wiring of the rollout service process: settings -> engine -> store + shadow client ->
-service -> gRPC server, and (until Celery beat takes it over) a loop that runs the periodic
-reconcile pass and the fan-out."""
+service -> gRPC server. With a Celery broker set, Celery workers run the passes and the
+fan-out (services/rollout/tasks.py) and commands ask them for a pass at once; without one, a
+loop in this process does."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -33,12 +34,18 @@ SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_na
 log = logging.getLogger(__name__)
 
 
-def build_service(settings: RolloutSettings, migrate: bool = True) -> RolloutService:
+def build_service(
+    settings: RolloutSettings,
+    migrate: bool = True,
+    kick: Callable[[str], None] | None = None,
+) -> RolloutService:
     engine = db.make_engine(settings.database_url, settings.db_pool_size)
     if migrate:
         db.run_migrations(engine, MIGRATIONS, VERSION_TABLE)
     channel = bearer_channel(settings.shadow_address, settings.service_token)
-    return RolloutService(RolloutStore(engine), ShadowClient(channel))
+    return RolloutService(
+        RolloutStore(engine), ShadowClient(channel), fan_out_chunk=settings.fanout_chunk, kick=kick
+    )
 
 
 def create_server(
@@ -67,10 +74,15 @@ def run_passes(service: RolloutService, interval: float, stopping: threading.Eve
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = RolloutSettings.from_env()
-    service = build_service(settings)
+    kick = None
+    if settings.celery_broker_url:
+        from services.rollout import tasks
+
+        kick = tasks.kick
+    service = build_service(settings, kick=kick)
     server, port = create_server(settings, service, server_interceptors())
     stopping = threading.Event()
-    if settings.reconcile_seconds:
+    if settings.reconcile_seconds and not settings.celery_broker_url:
         threading.Thread(
             target=run_passes,
             args=(service, float(settings.reconcile_seconds), stopping),

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 FAN_OUT_CHUNK = 500  # desired writes per BatchUpdateDesired call
 PAGE_SIZE = 1000  # devices per ListDevices / QueryFleet page
-IN_FLIGHT = 64  # concurrent GetDevice / GetShadow calls while reading many devices
+IN_FLIGHT = 64  # concurrent GetDevice calls while resolving an explicit list of devices
+READ_BATCH = 1000  # devices per BatchGetShadows call (the shadow service's limit)
 ATTEMPTS = 3  # tries of a read-modify-write that lost a race
 MAX_LIST_PAGE = 1000
 
@@ -135,36 +136,33 @@ class ShadowClient:
 
     def reported(self, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Each device's `state.reported` ({} when it has none; deleted devices are left out).
-        One GetShadow per device, pipelined: the shadow API has no batch read yet."""
+        One BatchGetShadows call per READ_BATCH devices."""
         found: dict[str, dict[str, Any]] = {}
+        unique = sorted(set(device_ids))
         try:
-            for start in range(0, len(device_ids), IN_FLIGHT):
-                chunk = device_ids[start : start + IN_FLIGHT]
-                calls = [
-                    self.stub.GetShadow.future(
-                        shadow_pb.GetShadowRequest(device_id=d), timeout=self.timeout
-                    )
-                    for d in chunk
-                ]
-                for device_id, call in zip(chunk, calls, strict=True):
-                    try:
-                        document = json.loads(call.result().document_json)
-                    except grpc.RpcError as exc:
-                        if exc.code() == grpc.StatusCode.NOT_FOUND:
-                            if "has no shadow" in (exc.details() or ""):
-                                found[device_id] = {}
-                            continue
-                        raise
-                    reported = document.get("state", {}).get("reported") or {}
-                    found[device_id] = reported if isinstance(reported, dict) else {}
+            for start in range(0, len(unique), READ_BATCH):
+                reply = self.stub.BatchGetShadows(
+                    shadow_pb.BatchGetShadowsRequest(device_ids=unique[start : start + READ_BATCH]),
+                    timeout=self.timeout,
+                )
+                for read in reply.shadows:
+                    if read.status == shadow_pb.ShadowRead.NO_SHADOW:
+                        found[read.device_id] = {}
+                    elif read.status == shadow_pb.ShadowRead.FOUND:
+                        document = json.loads(read.document_json)
+                        reported = document.get("state", {}).get("reported") or {}
+                        found[read.device_id] = reported if isinstance(reported, dict) else {}
         except grpc.RpcError as exc:
             raise ShadowUnavailableError(f"shadow service: {_describe(exc)}") from None
         return found
 
     def update_desired(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """One BatchUpdateDesired call; returns the (device id, reason) of items not applied."""
+        # skip_unchanged: a write sent twice (a fan-out task delivered again after its worker
+        # died) changes nothing and notifies nobody the second time.
         request = shadow_pb.BatchUpdateDesiredRequest(
-            items=[shadow_pb.DesiredPatch(device_id=d, desired_json=j) for d, j in items]
+            items=[shadow_pb.DesiredPatch(device_id=d, desired_json=j) for d, j in items],
+            skip_unchanged=True,
         )
         try:
             response = self.stub.BatchUpdateDesired(request, timeout=self.timeout)
@@ -236,11 +234,15 @@ class RolloutService:
         shadow: ShadowClient,
         clock: Callable[[], float] = time.time,
         fan_out_chunk: int = FAN_OUT_CHUNK,
+        kick: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.shadow = shadow
         self.clock = clock
         self.fan_out_chunk = fan_out_chunk
+        # Asks for a pass over a rollout soon (a Celery task), after a command changed it;
+        # without it the next periodic pass picks the change up.
+        self.kick = kick
 
     # --- operator commands --------------------------------------------------------------------
 
@@ -304,15 +306,26 @@ class RolloutService:
             lambda record: self.store.save(record, change(record.rollout, self.clock())),
         )
 
+    def _kick(self, rollout_id: str) -> None:
+        if self.kick is None:
+            return
+        try:
+            self.kick(rollout_id)
+        except Exception as exc:  # the periodic pass still comes; a command must not fail
+            log.warning("could not ask for a pass over %s: %s", rollout_id, exc)
+
     def _retrying(
         self, rollout_id: str, step: Callable[[RolloutRecord], RolloutRecord]
     ) -> RolloutRecord:
         for attempt in range(ATTEMPTS):
             try:
-                return step(self.store.get(rollout_id))
+                record = step(self.store.get(rollout_id))
             except ConcurrentUpdateError:
                 if attempt == ATTEMPTS - 1:
                     raise
+                continue
+            self._kick(rollout_id)
+            return record
         raise AssertionError("unreachable")
 
     # --- reads --------------------------------------------------------------------------------
@@ -446,6 +459,34 @@ class RolloutService:
                 log.warning("desired write for %s refused: %s", device_id, reason)
             self.store.delete_dispatches(batch)
             sent += len(batch)
+
+    def lease_pending(
+        self, lease_seconds: float, limit: int = 100 * FAN_OUT_CHUNK
+    ) -> list[list[str]]:
+        """Lease up to `limit` unsent desired writes and group their device ids into chunks of
+        `fan_out_chunk`, one per fan-out task (`send_dispatches`)."""
+        device_ids = self.store.lease_dispatches(limit, lease_seconds, self.clock())
+        size = self.fan_out_chunk
+        return [device_ids[i : i + size] for i in range(0, len(device_ids), size)]
+
+    def send_dispatches(self, device_ids: Sequence[str]) -> int:
+        """Send the unsent writes of these devices in one BatchUpdateDesired call and forget
+        them; returns how many were sent. Idempotent: writes already sent are gone from the
+        outbox, and one sent twice (a worker died before forgetting it) is skipped by the
+        shadow as unchanged, so a device is notified once per desired version."""
+        batch = self.store.dispatches_for(device_ids)
+        if not batch:
+            return 0
+        refused = self.shadow.update_desired([(d.device_id, d.desired_json) for d in batch])
+        for device_id, reason in refused:
+            log.warning(
+                "desired write for %s refused: %s",
+                device_id,
+                reason,
+                extra={"device_id": device_id},
+            )
+        self.store.delete_dispatches(batch)
+        return len(batch)
 
     # --- device reports -----------------------------------------------------------------------
 

@@ -385,6 +385,48 @@ class RolloutStore:
                 Dispatch(r.device_id, r.rollout_id, r.desired_json) for r in conn.execute(query)
             ]
 
+    def lease_dispatches(self, limit: int, lease_seconds: float, now: float) -> list[str]:
+        """Hand out up to `limit` unsent writes that nobody holds (never leased, or the lease
+        ran out): mark them leased until `now + lease_seconds` and return their device ids,
+        in order. Concurrent callers get disjoint sets (PostgreSQL: SKIP LOCKED)."""
+        d = rollout_dispatches
+        free = (d.c.leased_until.is_(None)) | (d.c.leased_until < now)
+        # FOR NO KEY UPDATE: a row being deleted by a sender is skipped, a reader is not.
+        query = (
+            select(d.c.device_id)
+            .where(free)
+            .order_by(d.c.device_id)
+            .limit(limit)
+            .with_for_update(skip_locked=True, key_share=True)
+        )
+        with self.engine.begin() as conn:
+            device_ids = list(conn.execute(query).scalars())
+            for chunk in _chunks(device_ids):
+                conn.execute(
+                    update(d)
+                    .where(d.c.device_id.in_(chunk))
+                    .values(leased_until=now + lease_seconds)
+                )
+        return device_ids
+
+    def dispatches_for(self, device_ids: Sequence[str]) -> list[Dispatch]:
+        """The unsent writes of these devices as they are now (sent ones are gone)."""
+        d = rollout_dispatches
+        found: list[Dispatch] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(device_ids))):
+                query = select(d).where(d.c.device_id.in_(chunk)).order_by(d.c.device_id)
+                found.extend(
+                    Dispatch(r.device_id, r.rollout_id, r.desired_json) for r in conn.execute(query)
+                )
+        return found
+
+    def count_dispatches(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(rollout_dispatches)).scalar_one()
+            )
+
     def delete_dispatches(self, sent: Sequence[Dispatch]) -> None:
         """Forget sent writes, unless a newer one replaced them meanwhile (same device, other
         desired document)."""

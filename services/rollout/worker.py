@@ -1,0 +1,46 @@
+"""`python -m services.rollout.worker [--beat]`: a Celery worker of the rollout service.
+
+Runs the tasks of services/rollout/tasks.py in `OTA_ROLLOUT_WORKER_CONCURRENCY` threads (the
+work is waiting on gRPC and the database, so threads, and one process a SIGKILL ends whole).
+`--beat` also runs Celery beat inside it, which queues the periodic tick: run exactly one
+worker with `--beat` per deployment (more are harmless, only wasteful). The schema must exist
+already: the rollout service process migrates it at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+from services.rollout.settings import RolloutSettings
+
+
+def argv(settings: RolloutSettings, beat: bool, name: str) -> list[str]:
+    args = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.worker_concurrency}",
+        "--loglevel=INFO",
+        f"--hostname={name}@{socket.gethostname()}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--queues={settings.celery_queue}",
+    ]
+    return [*args, "--beat"] if beat else args
+
+
+def main(arguments: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.rollout.worker")
+    parser.add_argument("--beat", action="store_true", help="also run the periodic tick")
+    parser.add_argument("--name", default="ota-rollout", help="worker name (before @host)")
+    options = parser.parse_args(arguments)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = RolloutSettings.from_env()
+    from services.rollout.tasks import app
+
+    app.worker_main(argv(settings, options.beat, options.name))
+
+
+if __name__ == "__main__":
+    main()
