@@ -1,7 +1,8 @@
 """`make up` / `make down`: the whole stack as separate background processes, in `.devstack/`.
 
 `up` starts the MQTT broker, the shadow service, the gateway, the artifact service (with its
-device download plane) and the rollout service, waits until each is healthy
+device download plane), the rollout service and its Celery worker (with beat), waits until
+each is healthy
 (the gateway by a real MQTT round trip), and writes `.devstack/endpoints.json` with every address
 and the application's MQTT service account. Logs go to `.devstack/logs/`. `down` stops what `up`
 started (the pids it recorded, checked against their command lines) and nothing else.
@@ -9,7 +10,8 @@ started (the pids it recorded, checked against their command lines) and nothing 
 It runs on the embedded default unless the environment says otherwise:
 `OTA_DATABASE_URL` (PostgreSQL), `OTA_MQTT_BROKER=mosquitto` (a Mosquitto started from
 deploy/mosquitto/ with per-device accounts) or `OTA_MQTT_BROKER=external` with `OTA_MQTT_URL`
-and `OTA_BROKER_ADMIN_URL` (a broker run elsewhere).
+and `OTA_BROKER_ADMIN_URL` (a broker run elsewhere), `OTA_CELERY_BROKER_URL` (e.g. Redis; the
+default is a SQLite file in `.devstack/`, no server).
 """
 
 from __future__ import annotations
@@ -232,12 +234,20 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
             },
         )
     )
+    # Celery: Redis (or any broker) when OTA_CELERY_BROKER_URL says so, else a SQLite file.
+    celery_broker = env.get("OTA_CELERY_BROKER_URL") or (
+        f"sqla+sqlite:///{(root / 'celery.db').resolve()}"
+    )
+    rollout_env = {**base, "OTA_CELERY_BROKER_URL": celery_broker}
     processes.append(
         Process(
             "rollout",
             [python, "-m", "services.rollout"],
-            {**base, "OTA_ROLLOUT_LISTEN": rollout_address},
+            {**rollout_env, "OTA_ROLLOUT_LISTEN": rollout_address},
         )
+    )
+    processes.append(
+        Process("worker", [python, "-m", "services.rollout.worker", "--beat"], rollout_env)
     )
     endpoints = {
         "broker": broker,
@@ -245,6 +255,7 @@ def plan(root: Path, env: Mapping[str, str]) -> tuple[list[Process], dict[str, A
         "shadow": shadow_address,
         "artifacts": artifacts_address,
         "rollout": rollout_address,
+        "celery_broker": celery_broker,
         "downloads": f"http://{download_address}",
         "mqtt": {"host": mqtt_host, "port": mqtt_port},
         "mqtt_app": {"username": "ota-app", "password": passwords["ota-app"]},
@@ -271,9 +282,11 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
     started = []
     deadline = time.monotonic() + STARTUP_SECONDS
     try:
+        log_sizes = {p.name: _size(root / "logs" / f"{p.name}.log") for p in processes}
         for process in processes:
             pid = _start(process, root / "logs")
-            started.append({"name": process.name, "pid": pid, "marker": process.argv[-1]})
+            marker = " ".join(process.argv[1:])
+            started.append({"name": process.name, "pid": pid, "marker": marker})
             pids_file.write_text(json.dumps(started, indent=1))
             if process.name in ("broker", "mosquitto"):
                 mqtt = endpoints["mqtt"]
@@ -282,6 +295,12 @@ def up(root: Path = ROOT, env: Mapping[str, str] | None = None) -> dict[str, Any
                 _wait("shadow service", lambda: _grpc_serving(endpoints["shadow"]), deadline)
             elif process.name == "rollout":
                 _wait("rollout service", lambda: _grpc_serving(endpoints["rollout"]), deadline)
+            elif process.name == "worker":
+                _wait(
+                    "rollout worker",
+                    lambda p=pid, at=log_sizes["worker"]: _worker_ready(root, p, at),
+                    deadline,
+                )
             elif process.name == "artifacts":
                 _wait("artifact service", lambda: _artifacts_ready(endpoints), deadline)
         app = MqttEndpoint(
@@ -308,6 +327,19 @@ def _artifacts_ready(endpoints: Mapping[str, Any]) -> bool:
     """The artifact gRPC service serves and its download plane listens."""
     host, _, port = endpoints["downloads"].removeprefix("http://").rpartition(":")
     return _grpc_serving(endpoints["artifacts"]) and _listening(host, int(port))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _worker_ready(root: Path, pid: int, log_offset: int) -> bool:
+    """Celery logs `<name>@<host> ready.` once the worker consumes its queue (looked for in
+    what this start added to the log)."""
+    with (root / "logs" / "worker.log").open("rb") as log:
+        log.seek(log_offset)
+        ready = b" ready." in log.read()
+    return ready and _alive(pid, "services.rollout.worker")
 
 
 def _listening(host: str, port: int) -> bool:

@@ -62,7 +62,10 @@ def test_make_up_serves_the_readme_walkthrough_and_make_down_stops_it(
     assert endpoints["broker"] == env["OTA_MQTT_BROKER"]
     expected = {"shadow", "artifacts", "downloads", "rollout", "mqtt", "mqtt_app", "logs"}
     assert expected <= endpoints.keys()
-    pids = [entry["pid"] for entry in json.loads((root / ".devstack" / "pids.json").read_text())]
+    assert endpoints["celery_broker"].startswith("sqla+sqlite:///")  # no broker server
+    started = json.loads((root / ".devstack" / "pids.json").read_text())
+    assert {"shadow", "gateway", "artifacts", "rollout", "worker"} <= {e["name"] for e in started}
+    pids = [entry["pid"] for entry in started]
     assert all(alive(pid) for pid in pids)
 
     # Every API needs a token: without one the shadow service refuses, the viewer may only read.
