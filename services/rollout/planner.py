@@ -491,6 +491,42 @@ class Progress:
     rollbacks_pending: int
 
 
+SETTLED_AFTER_ROLLBACK = frozenset(
+    {
+        ExecutionStatus.ROLLED_BACK,
+        ExecutionStatus.TIMED_OUT,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.REJECTED,
+    }
+)
+
+
+def progress_from_counts(
+    rollout: Rollout,
+    counts: Iterable[tuple[ExecutionStatus, bool, int]],
+    targets: int,
+) -> Progress:
+    """`progress` from (status, rollback requested, count) groups instead of executions
+    (the same result: `Execution.rollback_pending` is "requested and not settled")."""
+    by_status: Counter[ExecutionStatus] = Counter()
+    pending = 0
+    for status, requested, count in counts:
+        by_status[status] += count
+        if requested and status not in SETTLED_AFTER_ROLLBACK:
+            pending += count
+    state = rollout.state
+    sizes = rollout.definition.stage_sizes(targets)
+    return Progress(
+        status=state.status,
+        stage_index=state.stage_index,
+        stage_size=sizes[state.stage_index],
+        targets=targets,
+        not_started=max(0, targets - sum(by_status.values())),
+        by_status=tuple((status, by_status[status]) for status in ExecutionStatus),
+        rollbacks_pending=pending,
+    )
+
+
 def progress(rollout: Rollout, executions: Iterable[Execution], targets: int) -> Progress:
     """A summary of a rollout for `targets` resolved targets."""
     counts: Counter[ExecutionStatus] = Counter()

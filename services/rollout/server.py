@@ -21,6 +21,11 @@ from services.common.grpc_server import (
     new_server,
     run_until_signalled,
 )
+from services.common.observability import (
+    configure_logging,
+    server_metrics_interceptor,
+    start_metrics_server,
+)
 from services.rollout.errors import RolloutError
 from services.rollout.service import RolloutService, ShadowClient
 from services.rollout.servicer import RolloutServicer
@@ -72,7 +77,8 @@ def run_passes(service: RolloutService, interval: float, stopping: threading.Eve
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("rollout")
+    start_metrics_server()
     settings = RolloutSettings.from_env()
     kick = None
     if settings.celery_broker_url:
@@ -80,7 +86,9 @@ def main() -> None:
 
         kick = tasks.kick
     service = build_service(settings, kick=kick)
-    server, port = create_server(settings, service, server_interceptors())
+    server, port = create_server(
+        settings, service, [server_metrics_interceptor(), *server_interceptors()]
+    )
     stopping = threading.Event()
     if settings.reconcile_seconds and not settings.celery_broker_url:
         threading.Thread(

@@ -13,6 +13,7 @@ Owns the shadow-service client (`ShadowClient`): the one place that speaks the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -25,6 +26,12 @@ import grpc
 
 from protos.shadow.v1 import shadow_pb2 as shadow_pb
 from protos.shadow.v1 import shadow_pb2_grpc as shadow_grpc
+from services.common.observability import (
+    ROLLOUT_EXECUTIONS,
+    ROLLOUT_FANOUT_CHUNKS,
+    ROLLOUT_NOTIFIED,
+    ROLLOUT_PASS_SECONDS,
+)
 from services.rollout import domain
 from services.rollout.domain import (
     ACTIVE,
@@ -46,7 +53,14 @@ from services.rollout.errors import (
     ShadowUnavailableError,
     TargetConflictError,
 )
-from services.rollout.planner import Notify, Progress, RollBack, Withdraw, plan, progress
+from services.rollout.planner import (
+    Notify,
+    Progress,
+    RollBack,
+    Withdraw,
+    plan,
+    progress_from_counts,
+)
 from services.rollout.store import RolloutRecord, RolloutStore
 
 log = logging.getLogger(__name__)
@@ -223,6 +237,39 @@ def _apply(
     return execution if report is None else domain.apply_report(execution, target, report, now)
 
 
+def _record_pass(
+    rollout_id: str,
+    before: RolloutStatus,
+    after: Rollout,
+    executions: Iterable[Execution],
+    finished: bool,
+    actions: Sequence[object],
+) -> None:
+    """Metrics and log lines of one pass (counted in memory, from the pass's own result)."""
+    status = after.state.status
+    if status != before:
+        log.info(
+            "rollout %s: %s -> %s%s",
+            rollout_id,
+            before.value,
+            status.value,
+            f" ({after.state.reason})" if after.state.reason else "",
+            extra={"rollout_id": rollout_id, "stage": after.state.stage_index},
+        )
+    notified = sum(isinstance(a, Notify) for a in actions)
+    if notified:
+        ROLLOUT_NOTIFIED.inc(notified)
+    counts = Counter(e.status for e in executions)
+    for execution_status in ExecutionStatus:
+        if finished:
+            with contextlib.suppress(KeyError):  # never set: nothing to forget
+                ROLLOUT_EXECUTIONS.remove(rollout_id, execution_status.value)
+        else:
+            ROLLOUT_EXECUTIONS.labels(rollout_id, execution_status.value).set(
+                counts[execution_status]
+            )
+
+
 def _dumps(document: Mapping[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"), sort_keys=True)
 
@@ -331,12 +378,17 @@ class RolloutService:
     # --- reads --------------------------------------------------------------------------------
 
     def get(self, rollout_id: str) -> RolloutView:
+        """The rollout and its counts, from one GROUP BY over its executions."""
         record = self.store.get(rollout_id)
-        executions = self.store.executions(rollout_id)
+        groups = self.store.execution_counts(rollout_id)
         stages = [Counter[ExecutionStatus]() for _ in record.rollout.definition.stages]
-        for execution in executions:
-            stages[execution.stage][execution.status] += 1
-        summary = progress(record.rollout, executions, record.target_count)
+        for stage, status, _, count in groups:
+            stages[stage][status] += count
+        summary = progress_from_counts(
+            record.rollout,
+            [(status, requested, n) for _, status, requested, n in groups],
+            record.target_count,
+        )
         return RolloutView(record, summary, tuple(stages))
 
     def list_rollouts(
@@ -358,7 +410,8 @@ class RolloutService:
         at = self.clock() if now is None else now
         for attempt in range(ATTEMPTS):
             try:
-                return self._reconcile_once(rollout_id, at)
+                with ROLLOUT_PASS_SECONDS.time():
+                    return self._reconcile_once(rollout_id, at)
             except ConcurrentUpdateError:
                 if attempt == ATTEMPTS - 1:
                     raise
@@ -432,6 +485,7 @@ class RolloutService:
                 release_claims=finished,
                 target_count=target_count,
             )
+        _record_pass(rollout_id, status, result.rollout, final.values(), finished, result.actions)
         return PassResult(
             rollout_id,
             new_status,
@@ -477,7 +531,12 @@ class RolloutService:
         batch = self.store.dispatches_for(device_ids)
         if not batch:
             return 0
-        refused = self.shadow.update_desired([(d.device_id, d.desired_json) for d in batch])
+        try:
+            refused = self.shadow.update_desired([(d.device_id, d.desired_json) for d in batch])
+        except ShadowUnavailableError:
+            ROLLOUT_FANOUT_CHUNKS.labels("unavailable").inc()
+            raise
+        ROLLOUT_FANOUT_CHUNKS.labels("sent").inc()
         for device_id, reason in refused:
             log.warning(
                 "desired write for %s refused: %s",

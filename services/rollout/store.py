@@ -373,6 +373,22 @@ class RolloutStore:
             ]
             conn.execute(insert(d), rows)
 
+    def execution_counts(self, rollout_id: str) -> list[tuple[int, ExecutionStatus, bool, int]]:
+        """(stage, status, rollback requested, count) of a rollout's executions: one GROUP BY,
+        so reading a rollout's progress costs the same for 10 devices as for a million."""
+        e = rollout_executions
+        requested = e.c.rollback_requested_at.is_not(None)
+        query = (
+            select(e.c.stage, e.c.status, requested.label("requested"), func.count())
+            .where(e.c.rollout_id == rollout_id)
+            .group_by(e.c.stage, e.c.status, requested)
+        )
+        with self.engine.connect() as conn:
+            return [
+                (int(stage), ExecutionStatus(status), bool(flag), int(count))
+                for stage, status, flag, count in conn.execute(query)
+            ]
+
     # --- the dispatch outbox ------------------------------------------------------------------
 
     def pending_dispatches(self, rollout_id: str | None, limit: int) -> list[Dispatch]:

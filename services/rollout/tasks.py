@@ -56,6 +56,7 @@ def celery_config(settings: RolloutSettings) -> dict[str, Any]:
             else {"visibility_timeout": max(300, 4 * settings.dispatch_lease_seconds)}
         ),
         "task_default_queue": settings.celery_queue,
+        "worker_hijack_root_logger": False,  # keep the process's structured log format
         "beat_scheduler": "celery.beat:Scheduler",  # in memory: no schedule file
         "beat_schedule": {
             "reconcile-every-rollout": {

@@ -10,9 +10,9 @@ already: the rollout service process migrates it at start.
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 
+from services.common.observability import configure_logging, start_metrics_server
 from services.rollout.settings import RolloutSettings
 
 
@@ -35,7 +35,8 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--beat", action="store_true", help="also run the periodic tick")
     parser.add_argument("--name", default="ota-rollout", help="worker name (before @host)")
     options = parser.parse_args(arguments)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("rollout-worker")
+    start_metrics_server()
     settings = RolloutSettings.from_env()
     from services.rollout.tasks import app
 
