@@ -5,7 +5,7 @@ mapping from gRPC status codes to `ota_client.errors`, and proto -> dataclass co
 It does not own any rule of the services: it asks them.
 """
 
-from ota_client.client import ArtifactsClient, OtaClient, ShadowClient
+from ota_client.client import ArtifactsClient, OtaClient, RolloutsClient, ShadowClient
 from ota_client.errors import (
     ConfigError,
     ConflictError,
@@ -14,6 +14,7 @@ from ota_client.errors import (
     OtaError,
     PermissionDeniedError,
     ServerError,
+    SpecError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -21,11 +22,17 @@ from ota_client.models import (
     Artifact,
     Credentials,
     Device,
+    FailureThreshold,
     Page,
     RegisteredDevice,
+    Rollout,
+    RolloutProgress,
+    RolloutSpec,
+    RolloutStage,
     Shadow,
     ShadowUpdate,
     SigningKey,
+    StageProgress,
 )
 from ota_client.retry import RetryPolicy
 from ota_client.settings import ClientSettings
@@ -38,6 +45,7 @@ __all__ = [
     "ConflictError",
     "Credentials",
     "Device",
+    "FailureThreshold",
     "InvalidRequestError",
     "NotFoundError",
     "OtaClient",
@@ -46,11 +54,18 @@ __all__ = [
     "PermissionDeniedError",
     "RegisteredDevice",
     "RetryPolicy",
+    "Rollout",
+    "RolloutProgress",
+    "RolloutSpec",
+    "RolloutStage",
+    "RolloutsClient",
     "ServerError",
     "Shadow",
     "ShadowClient",
     "ShadowUpdate",
     "SigningKey",
+    "SpecError",
+    "StageProgress",
     "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -4,17 +4,22 @@
     otactl devices list --json
     otactl shadow update dev-1 --desired '{"firmware": {"version": "2.0.0"}}' --version 3
     otactl artifacts upload build.img --name app --version 2.0.0 --hardware rpi4
+    otactl rollouts create --id r1 --artifact ART --tag ring=beta --stage 10% --stage 100%
+    otactl rollouts watch r1
 
 Settings come from `--endpoints PATH` / `.devstack/endpoints.json` and the environment
 (`ota_client.settings`). Every read command takes `--json` (one JSON document on stdout).
 
 Exit codes: 0 success; 1 the command failed (the service refused or could not be reached, a
 bad endpoints file, a file not written), with `error: <kind>: <message>` on stderr; 2 wrong
-usage (unknown command or option, a missing argument, a value that does not parse).
+usage (unknown command or option, a missing argument, a value that does not parse, a bad
+rollout file); `rollouts watch` exits 3 when the rollout ended ABORTED.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import json
 import os
@@ -27,7 +32,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box, filesize
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,17 +43,19 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Column, Table
+from rich.text import Text
 
+from ota_client import rollout_spec
 from ota_client.client import OtaClient
-from ota_client.errors import OtaError
-from ota_client.models import Artifact, Device
+from ota_client.errors import OtaError, SpecError
+from ota_client.models import EXECUTION_STATUSES, ROLLOUT_STATUSES, Artifact, Device, Rollout
 from ota_client.settings import ClientSettings
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
 
 app = typer.Typer(
     name="otactl",
-    help="Operate an OTA fleet: devices, shadows and artifacts.",
+    help="Operate an OTA fleet: devices, shadows, artifacts and rollouts.",
     no_args_is_help=True,
     add_completion=False,
     # Locals in a traceback would print the operator token.
@@ -59,7 +67,11 @@ artifacts_app = typer.Typer(help="Upload, list, show and delete artifacts.", no_
 app.add_typer(devices_app, name="devices")
 app.add_typer(shadow_app, name="shadow")
 app.add_typer(artifacts_app, name="artifacts")
-# Extension point: `rollouts_app` joins here when the rollout service exists.
+rollouts_app = typer.Typer(
+    help="Staged rollouts: create, start, pause, resume, approve, abort, list, show, watch.",
+    no_args_is_help=True,
+)
+app.add_typer(rollouts_app, name="rollouts")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -427,6 +439,349 @@ def artifacts_delete(ctx: typer.Context, artifact_id: str) -> None:
     """Delete an artifact (refused while a rollout uses it)."""
     _client(ctx).artifacts.delete(artifact_id)
     out.print(f"deleted artifact {artifact_id}", markup=False)
+
+
+# ---- rollouts --------------------------------------------------------------------------------
+
+RolloutStatusChoice = enum.Enum(  # type: ignore[misc]
+    "RolloutStatusChoice", {status: status for status in ROLLOUT_STATUSES}, type=str
+)
+STATUS_COLUMNS = {
+    "QUEUED": "queued",
+    "IN_PROGRESS": "in progress",
+    "SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+    "TIMED_OUT": "timed out",
+    "REJECTED": "rejected",
+    "CANCELED": "canceled",
+    "ROLLED_BACK": "rolled back",
+}
+ReasonOption = Annotated[str, typer.Option(help="Why (shown in the rollout's reason).")]
+
+
+def _print_rollout(rollout: Rollout, as_json: bool) -> None:
+    if as_json:
+        _print_json(rollout.to_dict())
+    else:
+        out.print(_rollout_summary(rollout))
+
+
+def _rollout_summary(rollout: Rollout) -> Text:
+    p = rollout.progress
+    text = Text()
+    text.append(rollout.spec.rollout_id, style="bold")
+    text.append(f"  {rollout.status}", style=_status_style(rollout.status))
+    # Stage indexes count from 0, as `approve ID STAGE` takes them.
+    text.append(f"  stage {rollout.stage_index} (stages 0-{len(rollout.spec.stages) - 1})")
+    text.append(f"  targets {p.targets}, in this stage {p.stage_size}, not started {p.not_started}")
+    if p.rollbacks_pending:
+        text.append(f", rollbacks pending {p.rollbacks_pending}")
+    if rollout.reason:
+        text.append(f"\nreason: {rollout.reason}")
+    return text
+
+
+def _status_style(status: str) -> str:
+    return {"COMPLETED": "green", "ABORTED": "red", "PAUSED": "yellow"}.get(status, "")
+
+
+def _stages_table(rollout: Rollout) -> Table:
+    table = Table(
+        Column("stage", justify="right", no_wrap=True),
+        Column("size", justify="right"),
+        *(Column(STATUS_COLUMNS[s], justify="right") for s in EXECUTION_STATUSES),
+        Column("failure rate", justify="right"),
+        Column("gates", overflow="fold", min_width=20),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    progress = {s.stage_index: s for s in rollout.progress.stages}
+    for index, stage in enumerate(rollout.spec.stages):
+        counts = progress[index].by_status if index in progress else {}
+        rate = progress[index].failure_rate if index in progress else None
+        gate = []
+        if stage.approval_required:
+            gate.append("approval")
+        if stage.soak_seconds:
+            gate.append(f"soak {stage.soak_seconds:g}s")
+        if stage.failure_threshold is not None:
+            t = stage.failure_threshold
+            limit = f"{t.percent:g}%" if t.percent is not None else str(t.count)
+            gate.append(f"abort at {limit} failed (min {t.min_finished})")
+        marker = "> " if index == rollout.stage_index and rollout.status != "COMPLETED" else ""
+        table.add_row(
+            f"{marker}{index}",
+            stage.size,
+            *(str(counts.get(s, 0)) for s in EXECUTION_STATUSES),
+            "-" if rate is None else f"{rate:.0%}",
+            ", ".join(gate),
+        )
+    return table
+
+
+def _rollout_view(rollout: Rollout) -> Group:
+    return Group(_rollout_summary(rollout), _stages_table(rollout))
+
+
+@rollouts_app.command("create")
+@fails_with_exit_1
+def rollouts_create(
+    ctx: typer.Context,
+    rollout_id: Annotated[str | None, typer.Option("--id", help="The rollout's id.")] = None,
+    artifact: Annotated[
+        str | None,
+        typer.Option(help="The artifact id; its version and download url are the firmware."),
+    ] = None,
+    devices: Annotated[str | None, typer.Option(help="Target these devices: a,b,c.")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Target devices with key=value (repeatable; all).")
+    ] = None,
+    fleet_filter: Annotated[
+        str | None, typer.Option("--filter", help="Target a fleet query, e.g. 'tags.ring == 1'.")
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(help="A cumulative stage size, N% or a count (repeatable; the last 100%)."),
+    ] = None,
+    failure_threshold: Annotated[
+        str | None, typer.Option(help="Abort a stage when N% (or N devices) of its settled fail.")
+    ] = None,
+    min_finished: Annotated[
+        int | None, typer.Option(help="Settled devices a stage needs before its threshold.")
+    ] = None,
+    success_threshold: Annotated[
+        str | None, typer.Option(help="Succeeded % a stage needs to pass (default 100%).")
+    ] = None,
+    soak: Annotated[
+        float | None, typer.Option(help="Seconds to wait after a stage before the next.")
+    ] = None,
+    approval: Annotated[
+        bool,
+        typer.Option(
+            "--approval", help="Every stage after the first waits for `approve ID STAGE`."
+        ),
+    ] = False,
+    max_per_minute: Annotated[int | None, typer.Option(help="Notifications per minute.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds per attempt before TIMED_OUT (default 3600).")
+    ] = None,
+    retries_failed: Annotated[int | None, typer.Option(help="Retries of a FAILED device.")] = None,
+    retries_timed_out: Annotated[
+        int | None, typer.Option(help="Retries of a TIMED_OUT device.")
+    ] = None,
+    rollback_on_abort: Annotated[
+        bool,
+        typer.Option("--rollback-on-abort", help="On abort, send updated devices back."),
+    ] = False,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", dir_okay=False, help="A YAML rollout definition instead of these flags."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Define a rollout (CREATED) from flags or a YAML file; `start` sends it out."""
+    flags = {
+        "rollout_id": rollout_id,
+        "artifact": artifact,
+        "devices": devices,
+        "tags": tag or [],
+        "fleet_filter": fleet_filter,
+        "stages": stage or [],
+        "failure_threshold": failure_threshold,
+        "min_finished": min_finished,
+        "success_threshold": success_threshold,
+        "soak": soak,
+        "approval": approval,
+        "max_per_minute": max_per_minute,
+        "timeout": timeout,
+        "retries_failed": retries_failed,
+        "retries_timed_out": retries_timed_out,
+        "rollback_on_abort": rollback_on_abort,
+    }
+    try:
+        if file is not None:
+            mixed = [k for k, v in flags.items() if v not in (None, [], False)]
+            if mixed:
+                raise SpecError("--file takes no other rollout flags; put them in the file")
+            try:
+                text = file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SpecError(f"cannot read {file}: {exc}") from None
+            spec = rollout_spec.from_mapping(rollout_spec.load_yaml(text, str(file)))
+        else:
+            spec = rollout_spec.from_flags(**flags)  # type: ignore[arg-type]
+    except SpecError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    client = _client(ctx)
+    found = client.artifacts.get(spec.artifact_id)
+    spec = dataclasses.replace(
+        spec, firmware_version=found.version, firmware_url=found.download_url
+    )
+    rollout = client.rollouts.create(spec)
+    if as_json:
+        _print_json(rollout.to_dict())
+        return
+    out.print(f"created rollout {spec.rollout_id} of {found.name} {found.version}", markup=False)
+    out.print(_rollout_view(rollout))
+
+
+def _command(
+    ctx: typer.Context, call: Callable[[OtaClient], Rollout], as_json: bool, done: str
+) -> None:
+    rollout = call(_client(ctx))
+    if as_json:
+        _print_json(rollout.to_dict())
+    else:
+        out.print(f"{done} rollout {rollout.spec.rollout_id}: {rollout.status}", markup=False)
+
+
+@rollouts_app.command("start")
+@fails_with_exit_1
+def rollouts_start(ctx: typer.Context, rollout_id: str, as_json: JsonOption = False) -> None:
+    """Start a CREATED rollout: its targets are claimed; the service's passes notify them."""
+    _command(ctx, lambda c: c.rollouts.start(rollout_id), as_json, "started")
+
+
+@rollouts_app.command("pause")
+@fails_with_exit_1
+def rollouts_pause(
+    ctx: typer.Context, rollout_id: str, reason: ReasonOption = "", as_json: JsonOption = False
+) -> None:
+    """Pause a rollout: nobody new is notified; devices already updating carry on."""
+    _command(ctx, lambda c: c.rollouts.pause(rollout_id, reason), as_json, "paused")
+
+
+@rollouts_app.command("resume")
+@fails_with_exit_1
+def rollouts_resume(ctx: typer.Context, rollout_id: str, as_json: JsonOption = False) -> None:
+    """Resume a paused rollout (one paused on a missed success threshold passes that stage)."""
+    _command(ctx, lambda c: c.rollouts.resume(rollout_id), as_json, "resumed")
+
+
+@rollouts_app.command("approve")
+@fails_with_exit_1
+def rollouts_approve(
+    ctx: typer.Context,
+    rollout_id: str,
+    stage: Annotated[int, typer.Argument(help="The stage index (0 is the first).", min=0)],
+    as_json: JsonOption = False,
+) -> None:
+    """Approve a stage that waits for approval."""
+    _command(ctx, lambda c: c.rollouts.approve(rollout_id, stage), as_json, "approved a stage of")
+
+
+@rollouts_app.command("abort")
+@fails_with_exit_1
+def rollouts_abort(
+    ctx: typer.Context, rollout_id: str, reason: ReasonOption = "", as_json: JsonOption = False
+) -> None:
+    """Abort: cancel what has not started and, with rollback_on_abort, roll back what has."""
+    _command(ctx, lambda c: c.rollouts.abort(rollout_id, reason), as_json, "aborted")
+
+
+@rollouts_app.command("list")
+@fails_with_exit_1
+def rollouts_list(
+    ctx: typer.Context,
+    status: Annotated[
+        RolloutStatusChoice | None, typer.Option(help="Only rollouts with this status.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List rollouts by id (every page)."""
+    rollouts = list(_client(ctx).rollouts.iter(status.value if status else None))
+    if as_json:
+        _print_json([r.to_dict() for r in rollouts])
+        return
+    table = Table(
+        Column("rollout", no_wrap=True, min_width=12),
+        Column("status", no_wrap=True),
+        Column("stage", justify="right"),
+        Column("firmware", overflow="fold"),
+        Column("targets", justify="right"),
+        Column("succeeded", justify="right"),
+        Column("failed", justify="right"),
+        Column("in flight", justify="right"),
+        Column("created (UTC)", overflow="fold"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for r in rollouts:
+        counts = r.progress.by_status
+        table.add_row(
+            r.spec.rollout_id,
+            Text(r.status, style=_status_style(r.status)),
+            f"{r.stage_index} of 0-{len(r.spec.stages) - 1}",
+            r.spec.firmware_version,
+            str(r.progress.targets),
+            str(counts.get("SUCCEEDED", 0)),
+            str(sum(counts.get(s, 0) for s in ("FAILED", "TIMED_OUT", "REJECTED"))),
+            str(counts.get("QUEUED", 0) + counts.get("IN_PROGRESS", 0)),
+            _when(r.created_at_ms),
+        )
+    out.print(table)
+
+
+@rollouts_app.command("show")
+@fails_with_exit_1
+def rollouts_show(ctx: typer.Context, rollout_id: str, as_json: JsonOption = False) -> None:
+    """Show a rollout: per stage, its devices by status and the failure rate.
+
+    The failure rate is failed, timed out or rejected among the stage's settled devices.
+    """
+    rollout = _client(ctx).rollouts.get(rollout_id)
+    if as_json:
+        _print_json(rollout.to_dict())
+        return
+    spec = rollout.spec
+    selector = (
+        f"devices {', '.join(spec.device_ids)}"
+        if spec.device_ids
+        else f"filter {spec.fleet_filter}"
+        if spec.fleet_filter is not None
+        else "tags " + ", ".join(f"{k}={v}" for k, v in sorted(spec.tags.items()))
+    )
+    out.print(_rollout_view(rollout))
+    out.print(f"firmware {spec.firmware_version}  {spec.firmware_url}", markup=False)
+    out.print(f"artifact {spec.artifact_id}; targets: {selector}", markup=False)
+
+
+@rollouts_app.command("watch")
+@fails_with_exit_1
+def rollouts_watch(
+    ctx: typer.Context,
+    rollout_id: str,
+    interval: Annotated[
+        float | None,
+        typer.Option(min=0.2, max=10.0, help="Seconds between the service's checks (0.5)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per update, one per line.")
+    ] = False,
+) -> None:
+    """Follow a rollout live until it ends (exit 0 COMPLETED, 3 ABORTED).
+
+    Shows each stage's devices by status, its failure rate and the rollout's status, updated
+    as they change. Exit codes: 0 the rollout COMPLETED; 3 it ended ABORTED (rollbacks
+    settled); 1 an error (unknown rollout, service unreachable, the stream broke); 2 usage.
+    """
+    updates = _client(ctx).rollouts.watch(rollout_id, interval)
+    last: Rollout | None = None
+    if as_json:
+        for last in updates:
+            sys.stdout.write(json.dumps(last.to_dict(), sort_keys=True) + "\n")
+            sys.stdout.flush()
+    else:
+        with Live(console=out, auto_refresh=False, transient=False) as live:
+            for last in updates:
+                live.update(_rollout_view(last), refresh=True)
+    if last is None or last.status not in ("COMPLETED", "ABORTED"):
+        err.print("error: the watch ended before the rollout did", markup=False)
+        raise typer.Exit(EXIT_ERROR)
+    raise typer.Exit(EXIT_OK if last.status == "COMPLETED" else EXIT_ABORTED)
 
 
 if __name__ == "__main__":

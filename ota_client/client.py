@@ -9,6 +9,8 @@ any other failure into an `OtaError` (`errors.py`). Methods take and return plai
     with OtaClient.from_environment() as ota:
         ota.shadow.register_device("dev-1", tags={"site": "berlin"})
         ota.shadow.update_shadow("dev-1", desired={"firmware": {"version": "2.0.0"}})
+        for rollout in ota.rollouts.watch("r1"):
+            print(rollout.status, rollout.progress.by_status)
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import grpc
 
 from ota_client.errors import InvalidRequestError, OtaError, from_rpc_error
 from ota_client.models import (
+    ROLLOUT_STATUSES,
     Artifact,
     Credentials,
     Device,
     Page,
     RegisteredDevice,
+    Rollout,
+    RolloutSpec,
     Shadow,
     ShadowUpdate,
     SigningKey,
@@ -39,6 +44,8 @@ from ota_client.retry import RetryPolicy, call_with_retries
 from ota_client.settings import ClientSettings
 from protos.artifacts.v1 import artifacts_pb2 as apb
 from protos.artifacts.v1 import artifacts_pb2_grpc
+from protos.rollout.v1 import rollout_pb2 as rpb
+from protos.rollout.v1 import rollout_pb2_grpc
 from protos.shadow.v1 import shadow_pb2 as spb
 from protos.shadow.v1 import shadow_pb2_grpc
 from services.common.auth import bearer_channel
@@ -236,6 +243,104 @@ class ArtifactsClient:
         return SigningKey.from_proto(reply)
 
 
+class RolloutsClient:
+    """Staged rollouts (`ota.rollout.v1.RolloutService`). Every command returns the rollout as
+    it is after the command; the reconcile passes that act on it run in the service."""
+
+    def __init__(self, channel: grpc.Channel, calls: _Calls) -> None:
+        self._stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        self._calls = calls
+
+    def _unary(self, method: Callable[..., rpb.Rollout], request: Any) -> Rollout:
+        reply = self._calls(lambda: method(request, timeout=self._calls.timeout))
+        return Rollout.from_proto(reply)
+
+    def create(self, spec: RolloutSpec) -> Rollout:
+        """Defines a rollout (CREATED); nothing is sent to a device before `start`."""
+        return self._unary(self._stub.CreateRollout, rpb.CreateRolloutRequest(spec=spec.to_proto()))
+
+    def start(self, rollout_id: str) -> Rollout:
+        return self._unary(self._stub.StartRollout, rpb.StartRolloutRequest(rollout_id=rollout_id))
+
+    def pause(self, rollout_id: str, reason: str = "") -> Rollout:
+        request = rpb.PauseRolloutRequest(rollout_id=rollout_id, reason=reason)
+        return self._unary(self._stub.PauseRollout, request)
+
+    def resume(self, rollout_id: str) -> Rollout:
+        request = rpb.ResumeRolloutRequest(rollout_id=rollout_id)
+        return self._unary(self._stub.ResumeRollout, request)
+
+    def approve(self, rollout_id: str, stage_index: int) -> Rollout:
+        request = rpb.ApproveStageRequest(rollout_id=rollout_id, stage_index=stage_index)
+        return self._unary(self._stub.ApproveStage, request)
+
+    def abort(self, rollout_id: str, reason: str = "") -> Rollout:
+        request = rpb.AbortRolloutRequest(rollout_id=rollout_id, reason=reason)
+        return self._unary(self._stub.AbortRollout, request)
+
+    def get(self, rollout_id: str) -> Rollout:
+        return self._unary(self._stub.GetRollout, rpb.GetRolloutRequest(rollout_id=rollout_id))
+
+    def list(
+        self, status: str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> Page[Rollout]:
+        """One page of rollouts, by id; `status` (e.g. "RUNNING") keeps only those."""
+        request = rpb.ListRolloutsRequest(
+            page_size=page_size, page_token=page_token, status=_rollout_status(status)
+        )
+        reply = self._calls(lambda: self._stub.ListRollouts(request, timeout=self._calls.timeout))
+        return Page([Rollout.from_proto(r) for r in reply.rollouts], reply.next_page_token)
+
+    def iter(self, status: str | None = None, page_size: int = 0) -> Iterator[Rollout]:
+        """Every rollout (with this status), page by page."""
+        token = ""
+        while True:
+            page = self.list(status, page_size, token)
+            yield from page.items
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def watch(self, rollout_id: str, interval_seconds: float | None = None) -> Iterator[Rollout]:
+        """The rollout now, then each time it changes, until it is final (COMPLETED, or ABORTED
+        with nothing left in flight). Opening the stream is retried on UNAVAILABLE like any
+        call; once updates flow, a broken stream raises (the caller decides whether to watch
+        again). No deadline: a rollout takes as long as it takes. Closing the iterator early
+        cancels the stream."""
+        request = rpb.WatchRolloutRequest(rollout_id=rollout_id)
+        if interval_seconds is not None:
+            request.interval_seconds = interval_seconds
+
+        def open_stream() -> tuple[Any, rpb.Rollout | None]:
+            call = self._stub.WatchRollout(request)
+            try:
+                return call, next(call)
+            except StopIteration:
+                return call, None
+
+        call, first = self._calls(open_stream)
+        try:
+            if first is None:
+                return
+            yield Rollout.from_proto(first)
+            for update in call:
+                yield Rollout.from_proto(update)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+
+def _rollout_status(name: str | None) -> rpb.RolloutStatus.ValueType:
+    if not name:
+        return rpb.ROLLOUT_STATUS_UNSPECIFIED
+    if name.upper() not in ROLLOUT_STATUSES:
+        raise InvalidRequestError(
+            f"unknown rollout status {name!r}; one of {', '.join(ROLLOUT_STATUSES)}"
+        )
+    return rpb.RolloutStatus.Value(name.upper())
+
+
 def _measure(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -250,11 +355,7 @@ def _measure(path: Path) -> tuple[int, str]:
 
 
 class OtaClient:
-    """The facade: `.shadow` and `.artifacts`, over one channel per service.
-
-    Extension point: when the rollout service exists, add `settings.rollouts_address`, a
-    `RolloutsClient` beside these, and `self.rollouts` here; nothing else changes.
-    """
+    """The facade: `.shadow`, `.artifacts` and `.rollouts`, over one channel per service."""
 
     def __init__(
         self,
@@ -268,6 +369,7 @@ class OtaClient:
         self._channels: list[grpc.Channel] = []
         self.shadow = ShadowClient(self._channel(settings.shadow_address), calls)
         self.artifacts = ArtifactsClient(self._channel(settings.artifacts_address), calls)
+        self.rollouts = RolloutsClient(self._channel(settings.rollouts_address), calls)
 
     @classmethod
     def from_environment(cls, endpoints: Path | None = None) -> OtaClient:
@@ -295,4 +397,4 @@ class OtaClient:
         self.close()
 
 
-__all__ = ["ArtifactsClient", "OtaClient", "OtaError", "ShadowClient"]
+__all__ = ["ArtifactsClient", "OtaClient", "OtaError", "RolloutsClient", "ShadowClient"]

@@ -5,6 +5,7 @@ the CLI looks at status codes. Each error keeps the status name (`code`), the se
 (`details`) and, for a version conflict, the shadow's current version when the server sent it.
 
 - `ConfigError`: no endpoints file, a bad address or settings value (no call made).
+- `SpecError`: a rollout definition (flags or YAML file) that does not parse (no call made).
 - `InvalidRequestError`: INVALID_ARGUMENT, OUT_OF_RANGE, DATA_LOSS (bytes not matching the
   declared sha256 / size), RESOURCE_EXHAUSTED (too large).
 - `NotFoundError`: NOT_FOUND (unknown device, shadow or artifact).
@@ -40,6 +41,10 @@ class OtaError(Exception):
 
 class ConfigError(OtaError):
     kind = "configuration"
+
+
+class SpecError(OtaError):
+    kind = "invalid rollout definition"
 
 
 class InvalidRequestError(OtaError):

@@ -1,9 +1,10 @@
 """Where the services are and which token to send: one `ClientSettings`, built once, passed in.
 
 Sources, strongest first: the environment (`OTA_SHADOW_ADDRESS`, `OTA_ARTIFACTS_ADDRESS`,
-`OTA_OPERATOR_TOKEN`, `OTA_DOWNLOAD_BASE_URL`, `OTA_DEVICE_MQTT_ADDRESS`), then the endpoints
-file (`--endpoints PATH` or `OTA_ENDPOINTS`, which must exist; else `.devstack/endpoints.json`
-when it exists, as `make up` writes it), then the local defaults.
+`OTA_ROLLOUT_ADDRESS`, `OTA_OPERATOR_TOKEN`, `OTA_DOWNLOAD_BASE_URL`,
+`OTA_DEVICE_MQTT_ADDRESS`), then the endpoints file (`--endpoints PATH` or `OTA_ENDPOINTS`,
+which must exist; else `.devstack/endpoints.json` when it exists, as `make up` writes it), then
+the local defaults.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _address(value: str, name: str) -> str:
 class ClientSettings:
     shadow_address: str = "127.0.0.1:50051"
     artifacts_address: str = "127.0.0.1:50052"
+    rollouts_address: str = "127.0.0.1:50053"
     token: str | None = field(default=None, repr=False)
     # What a registered device is told (its agent config file): where its broker and the
     # download plane are, as the device reaches them.
@@ -40,11 +42,11 @@ class ClientSettings:
     mqtt_port: int = 1883
     timeout_seconds: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # Where a rollout service will go (issue 7 item 2): add `rollouts_address` here.
 
     def __post_init__(self) -> None:
         _address(self.shadow_address, "the shadow address")
         _address(self.artifacts_address, "the artifacts address")
+        _address(self.rollouts_address, "the rollout address")
         if not self.download_base_url.startswith(("http://", "https://")):
             raise ConfigError("the download base URL must start with http:// or https://")
         if self.timeout_seconds <= 0:
@@ -81,6 +83,7 @@ class ClientSettings:
         return cls(
             shadow_address=pick("OTA_SHADOW_ADDRESS", "shadow", cls.shadow_address),
             artifacts_address=pick("OTA_ARTIFACTS_ADDRESS", "artifacts", cls.artifacts_address),
+            rollouts_address=pick("OTA_ROLLOUT_ADDRESS", "rollout", cls.rollouts_address),
             token=pick("OTA_OPERATOR_TOKEN", "operator_token", "") or None,
             download_base_url=pick("OTA_DOWNLOAD_BASE_URL", "downloads", cls.download_base_url),
             mqtt_host=mqtt_host,
