@@ -18,7 +18,7 @@ class RolloutSettings:
     shadow_address: str = "127.0.0.1:50051"
     # The token this service sends to the shadow service (role `admin` or `service`).
     service_token: str | None = None
-    workers: int = 8
+    workers: int = 32  # each open WatchRollout stream holds one
     db_pool_size: int = 10
     # Seconds between reconcile + fan-out passes over every rollout with work: run by Celery
     # beat when a Celery broker is set, else by the service process's own loop; 0 = no passes.
