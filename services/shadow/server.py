@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from sqlalchemy.engine import make_url
 
 from protos.shadow.v1 import shadow_pb2, shadow_pb2_grpc
 from services.broker.dynsec import DynsecAccounts
@@ -41,8 +44,11 @@ def build_service(settings: ShadowSettings, migrate: bool = True) -> ShadowServi
         db.run_migrations(engine, MIGRATIONS, "alembic_version_shadow")
     accounts = None
     if settings.broker_admin_url:
+        # A client id per process: two shadow replicas with one id would knock each other
+        # off the broker.
         accounts = DynsecAccounts(
-            MqttEndpoint.parse(settings.broker_admin_url), "ota-shadow-dynsec"
+            MqttEndpoint.parse(settings.broker_admin_url),
+            f"ota-shadow-dynsec-{socket.gethostname()}-{os.getpid()}",
         )
     return ShadowService(
         ShadowStore(engine),
@@ -71,7 +77,8 @@ def main() -> None:
     start_metrics_server()
     interceptors = [server_metrics_interceptor(), *server_interceptors()]
     server, port = create_server(settings, build_service(settings), interceptors)
-    log.info("shadow service listening on port %d (database %s)", port, settings.database_url)
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
+    log.info("shadow service listening on port %d (database %s)", port, database)
     run_until_signalled(server)
 
 
