@@ -439,7 +439,7 @@ class Agent:
             firmware = Firmware(target.version, target.url)
             await asyncio.to_thread(self.installer.install, slot, path, firmware, digest)
             self.crash("installed")
-            bootmod.mark_pending(self.files, slot, previous, target)
+            bootmod.mark_pending(self.files, slot, previous, target, manifest.rollback_floor)
             self.crash("marked")
             await self._phase(target, Phase.REBOOTING)
             try:

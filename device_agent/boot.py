@@ -6,7 +6,9 @@ Files in the data directory, each written temp + rename (`installer.write_json_a
   and phase), the last target that failed, and the last outcome to report;
 - `pending.json`: present from just before the boot pointer switches to a new slot until that
   slot is committed or rolled back. Its `phase` moves `trial` -> `committing` | `rolling_back`,
-  each a single atomic write, so a restart at any instant knows which way it was going.
+  each a single atomic write, so a restart at any instant knows which way it was going. It also
+  carries the `rollback_floor` the new build's verified manifest declares (null if none): the
+  floor rises to it when, and only when, that build is committed.
 
 `boot()` runs at every start, before anything else: it finishes or undoes whatever a restart
 interrupted and returns the truth to report.
@@ -121,7 +123,14 @@ class StateFiles:
             self._pending.unlink()
 
 
-def mark_pending(files: StateFiles, slot: str, previous: str, target: Target) -> None:
+def mark_pending(
+    files: StateFiles,
+    slot: str,
+    previous: str,
+    target: Target,
+    rollback_floor: str | None = None,
+) -> None:
+    """`rollback_floor`: what the target's verified manifest declares (None: nothing)."""
     files.set_pending(
         {
             "slot": slot,
@@ -129,8 +138,15 @@ def mark_pending(files: StateFiles, slot: str, previous: str, target: Target) ->
             "target": _target_json(target),
             "phase": "trial",
             "attempts": 0,
+            "rollback_floor": rollback_floor,
         }
     )
+
+
+def _pending_floor(pending: dict[str, Any]) -> str | None:
+    """The declared floor in a marker; a marker written before it existed declares none."""
+    floor = pending.get("rollback_floor")
+    return floor if isinstance(floor, str) else None
 
 
 def boot(installer: Installer, files: StateFiles, crash: CrashPoint = no_crash) -> AgentState:
@@ -165,10 +181,9 @@ def boot(installer: Installer, files: StateFiles, crash: CrashPoint = no_crash) 
             files.set_pending(pending)
             crash("decided")
         if pending is not None and pending["phase"] == "committing":
-            committed = installer.booted().firmware.version
             state = replace(
                 state,
-                floor=raise_floor(state.floor, committed),
+                floor=raise_floor(state.floor, _pending_floor(pending)),
                 memory=replace(state.memory, busy=None, failed=None),
                 job_phase=None,
                 last=Outcome(Phase.SUCCEEDED, target),

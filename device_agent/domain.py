@@ -60,10 +60,15 @@ def is_below(version: str, floor: str | None) -> bool:
     return floor is not None and version_key(version) < version_key(floor)
 
 
-def raise_floor(floor: str | None, committed: str) -> str:
-    """The anti-rollback floor after `committed` has been committed: it never goes down."""
-    if floor is None or version_key(committed) > version_key(floor):
-        return committed
+def raise_floor(floor: str | None, declared: str | None) -> str | None:
+    """The anti-rollback floor after committing a build that declares `declared` in its signed
+    manifest (None: it declares none). The floor is the build's claim, not the version it has:
+    a build declaring nothing leaves it as it is, so a fleet can go back to the build it ran
+    before (docs/adr/0023). It never goes down."""
+    if declared is None:
+        return floor
+    if floor is None or version_key(declared) > version_key(floor):
+        return declared
     return floor
 
 
@@ -278,6 +283,7 @@ class Manifest:
     size: int
     sha256: str
     compatible: tuple[str, ...]
+    rollback_floor: str | None = None  # the floor this build raises the device's to, if any
 
 
 def _parse_manifest(text: str) -> Manifest:
@@ -295,11 +301,27 @@ def _parse_manifest(text: str) -> Manifest:
             size=int(data["size"]),
             sha256=str(data["sha256"]),
             compatible=tuple(compatible),
+            rollback_floor=_declared_floor(data),
         )
         version_key(manifest.version)
+        if manifest.rollback_floor is not None and version_key(
+            manifest.rollback_floor
+        ) > version_key(manifest.version):
+            raise ValueError("rollback_floor is above version")
     except (KeyError, TypeError, ValueError) as exc:
         raise VerificationError(f"the signed manifest is malformed ({exc})") from None
     return manifest
+
+
+def _declared_floor(data: Mapping[str, Any]) -> str | None:
+    """The manifest's `rollback_floor`: absent (most builds) or a semver string."""
+    if "rollback_floor" not in data:
+        return None
+    floor = data["rollback_floor"]
+    if not isinstance(floor, str):
+        raise ValueError("rollback_floor is not a string")
+    version_key(floor)
+    return floor
 
 
 def verify_manifest(

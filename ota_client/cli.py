@@ -367,8 +367,9 @@ def _artifact_details(a: Artifact) -> None:
         ("key id", a.key_id),
         ("created", f"{_when(a.created_at_ms)} UTC"),
         ("download url", a.download_url),
+        ("rollback floor", a.rollback_floor or "none declared"),
     ):
-        out.print(f"{label:<13} {value}", markup=False)
+        out.print(f"{label:<14} {value}", markup=False)
 
 
 @artifacts_app.command("upload")
@@ -379,6 +380,14 @@ def artifacts_upload(
     name: Annotated[str, typer.Option(help="Artifact name, e.g. 'app'.")],
     version: Annotated[str, typer.Option(help="Semantic version, e.g. 2.1.0.")],
     hardware: Annotated[list[str], typer.Option(help="Compatible hardware id, repeatable.")],
+    rollback_floor: Annotated[
+        str | None,
+        typer.Option(
+            metavar="VERSION",
+            help="Anti-rollback floor this build declares: devices that commit it refuse "
+            "older versions from then on (and cannot be rolled back below it).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Upload a build: the service signs its manifest. Prints the artifact."""
@@ -397,7 +406,9 @@ def artifacts_upload(
         def advance(sent: int, total: int) -> None:
             progress.update(task, completed=sent, total=total)
 
-        artifact = client.artifacts.upload(file, name, version, list(hardware), advance)
+        artifact = client.artifacts.upload(
+            file, name, version, list(hardware), advance, rollback_floor=rollback_floor
+        )
     if as_json:
         _print_json(artifact.to_dict())
     else:

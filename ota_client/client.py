@@ -187,13 +187,22 @@ class ArtifactsClient:
         version: str,
         hardware: list[str],
         on_progress: Callable[[int, int], None] | None = None,
+        rollback_floor: str | None = None,
     ) -> Artifact:
         """Uploads a file. Its size and sha256 are computed first and declared, so the service
         refuses bytes that changed on the way (`InvalidRequestError`) and stores nothing.
-        `on_progress(sent, total)` is called per chunk; a retried upload starts again at 0."""
+        `on_progress(sent, total)` is called per chunk; a retried upload starts again at 0.
+        `rollback_floor` (a version not above `version`): devices that commit this build refuse
+        every version below it from then on; leave it None unless the build fixes something the
+        older builds must never run again, or the fleet cannot be rolled back past it."""
         size, sha256 = _measure(path)
         metadata = apb.ArtifactMetadata(
-            name=name, version=version, compatible_hardware=hardware, sha256=sha256, size=size
+            name=name,
+            version=version,
+            compatible_hardware=hardware,
+            sha256=sha256,
+            size=size,
+            rollback_floor=rollback_floor,
         )
 
         def requests() -> Iterator[apb.UploadArtifactRequest]:

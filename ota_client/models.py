@@ -104,6 +104,8 @@ class Artifact(_Plain):
     key_id: str
     created_at_ms: int
     download_url: str
+    # The anti-rollback floor the build declares (signed in the manifest too); None if none.
+    rollback_floor: str | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -124,6 +126,7 @@ class Artifact(_Plain):
             artifact.key_id,
             artifact.created_at_ms,
             artifact.download_url,
+            artifact.rollback_floor if artifact.HasField("rollback_floor") else None,
         )
 
 

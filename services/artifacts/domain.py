@@ -78,6 +78,30 @@ def validate_version(version: str) -> str:
     return version
 
 
+def version_key(version: str) -> tuple[Any, ...]:
+    """A sort key giving semver 2.0.0 precedence (build metadata ignored), as the device agent
+    orders versions (device_agent/domain.py; tests/artifacts checks that they agree)."""
+    match = SEMVER_PATTERN.fullmatch(validate_version(version))
+    assert match is not None
+    major, minor, patch, pre = int(match[1]), int(match[2]), int(match[3]), match[4]
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (major, minor, patch, 0, parts)
+
+
+def validate_rollback_floor(floor: str, version: str) -> str:
+    """A declared anti-rollback floor: semver, and not above the build's own version (a build
+    whose floor is above itself would lock the device out of the build it runs)."""
+    if len(floor) > MAX_VERSION_CHARS or not SEMVER_PATTERN.fullmatch(floor):
+        raise InvalidArtifactError(
+            f"rollback_floor {floor[:MAX_VERSION_CHARS]!r} is not semver 2.0.0"
+        )
+    if version_key(floor) > version_key(version):
+        raise InvalidArtifactError(f"rollback_floor {floor} is above the version {version}")
+    return floor
+
+
 def validate_compatible(hardware: tuple[str, ...]) -> tuple[str, ...]:
     if not 1 <= len(hardware) <= MAX_HARDWARE_ENTRIES:
         raise InvalidArtifactError(
@@ -110,11 +134,14 @@ class ArtifactSpec:
     compatible: tuple[str, ...]
     sha256: str | None = None
     size: int | None = None
+    rollback_floor: str | None = None  # the build's anti-rollback floor (docs/adr/0023)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
         validate_version(self.version)
         validate_compatible(self.compatible)
+        if self.rollback_floor is not None:
+            validate_rollback_floor(self.rollback_floor, self.version)
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", normalize_sha256(self.sha256))
         if self.size is not None and self.size <= 0:
@@ -185,9 +212,10 @@ class Manifest:
     size: int
     sha256: str
     compatible: tuple[str, ...]
+    rollback_floor: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "artifact_id": self.artifact_id,
             "name": self.name,
             "version": self.version,
@@ -195,6 +223,11 @@ class Manifest:
             "sha256": self.sha256,
             "compatible": list(self.compatible),
         }
+        # Only when declared: the manifests of builds without one keep their exact bytes, so
+        # their stored signatures stay valid and older agents see nothing new.
+        if self.rollback_floor is not None:
+            data["rollback_floor"] = self.rollback_floor
+        return data
 
     def canonical(self) -> bytes:
         return canonical_json(self.as_json())
@@ -208,6 +241,7 @@ def build_manifest(artifact_id: str, spec: ArtifactSpec, digest: Digest) -> Mani
         size=digest.size,
         sha256=digest.sha256,
         compatible=spec.compatible,
+        rollback_floor=spec.rollback_floor,
     )
 
 

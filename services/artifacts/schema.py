@@ -37,6 +37,7 @@ artifacts = Table(
     Column("signature", LargeBinary, nullable=False),
     Column("key_id", String(16), nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
+    Column("rollback_floor", String(128), nullable=True),  # migration 0002
     UniqueConstraint("name", "version", name="artifacts_name_version"),
     Index("artifacts_sha256", "sha256"),
     Index("artifacts_listing", "created_at_ms", "artifact_id"),

@@ -117,6 +117,7 @@ class ArtifactService:
             signature=self.signer.sign(canonical),
             key_id=self.signer.key_id,
             created_at_ms=int(self.clock() * 1000),
+            rollback_floor=spec.rollback_floor,
         )
         try:
             self.store.insert_artifact(record)

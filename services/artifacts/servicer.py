@@ -49,6 +49,7 @@ def spec_from_proto(metadata: pb.ArtifactMetadata) -> ArtifactSpec:
         compatible=tuple(metadata.compatible_hardware),
         sha256=metadata.sha256 or None,
         size=metadata.size if metadata.HasField("size") else None,
+        rollback_floor=(metadata.rollback_floor if metadata.HasField("rollback_floor") else None),
     )
 
 
@@ -87,6 +88,7 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
             key_id=record.key_id,
             created_at_ms=record.created_at_ms,
             download_url=artifact_url(self.download_base_url, record.artifact_id),
+            rollback_floor=record.rollback_floor,
         )
 
     @translate_errors

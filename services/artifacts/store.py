@@ -32,6 +32,7 @@ class ArtifactRecord:
     signature: bytes
     key_id: str
     created_at_ms: int
+    rollback_floor: str | None = None  # also in `manifest` when set
 
 
 def _record(row: Any) -> ArtifactRecord:
@@ -46,6 +47,7 @@ def _record(row: Any) -> ArtifactRecord:
         signature=bytes(row.signature),
         key_id=row.key_id,
         created_at_ms=row.created_at_ms,
+        rollback_floor=row.rollback_floor,
     )
 
 
@@ -75,6 +77,7 @@ class ArtifactStore:
                         "signature": record.signature,
                         "key_id": record.key_id,
                         "created_at_ms": record.created_at_ms,
+                        "rollback_floor": record.rollback_floor,
                     },
                 )
         except IntegrityError:

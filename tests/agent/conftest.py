@@ -103,9 +103,14 @@ class Fleet:
     agents: list[AgentProcess] = field(default_factory=list)
 
     def upload(
-        self, data: bytes, version: str, compatible: tuple[str, ...] = ("gw-100",)
+        self,
+        data: bytes,
+        version: str,
+        compatible: tuple[str, ...] = ("gw-100",),
+        name: str = "firmware",
+        **declared: Any,
     ) -> apb.Artifact:
-        requests = upload_requests(data, "firmware", version, compatible, 256 * 1024)
+        requests = upload_requests(data, name, version, compatible, 256 * 1024, **declared)
         return self.artifacts.UploadArtifact(requests)
 
     def agent(

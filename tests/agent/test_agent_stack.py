@@ -11,6 +11,7 @@ import os
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protos.artifacts.v1 import artifacts_pb2 as apb
 from services.artifacts import signing
 from tests.agent.conftest import Fleet
 
@@ -61,6 +62,53 @@ def test_a_lower_version_fails_and_leaves_the_slot(fleet: Fleet) -> None:
     firmware = fleet.wait_reported(agent, lambda fw: fw.get("state") == "failed")
     assert "anti-rollback floor" in firmware["error"]
     assert agent.booted_slot()["version"] == "3.0.0"
+
+
+def _update(fleet: Fleet, device_id: str, artifact: apb.Artifact) -> None:
+    agent = next(a for a in fleet.agents if a.device_id == device_id)
+    fleet.target(device_id, artifact.version, artifact.download_url)
+    firmware = fleet.wait_reported(
+        agent,
+        lambda fw: (
+            fw.get("state") in ("succeeded", "failed", "rolled_back")
+            and (fw.get("target") or {}).get("url") == artifact.download_url
+        ),
+    )
+    assert (firmware["state"], firmware["version"]) == ("succeeded", artifact.version), firmware
+
+
+def test_a_fleet_rollback_below_a_committed_build_works_unless_the_build_declares_a_floor(
+    fleet: Fleet,
+) -> None:
+    # What a rollout's rollback_on_abort does: desired goes back to the version run before.
+    plain = fleet.agent("dev-plain")
+    floored = fleet.agent("dev-floored")
+    old = fleet.upload(IMAGE, "1.1.0")
+    new = fleet.upload(IMAGE[::-1], "1.2.0")
+    secure = fleet.upload(IMAGE[1:], "1.2.0", name="firmware-secure", rollback_floor="1.2.0")
+    assert not new.HasField("rollback_floor") and secure.rollback_floor == "1.2.0"
+    for agent in (plain, floored):
+        agent.start()
+        fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+        _update(fleet, agent.device_id, old)
+    _update(fleet, "dev-plain", new)
+    _update(fleet, "dev-floored", secure)
+
+    # 1.2.0 declared no floor: the device goes back to 1.1.0.
+    _update(fleet, "dev-plain", old)
+    assert plain.booted_slot()["version"] == "1.1.0"
+
+    # The secure 1.2.0 declared rollback_floor 1.2.0: 1.1.0 is refused, 1.2.0 keeps running.
+    fleet.target("dev-floored", old.version, old.download_url)
+    firmware = fleet.wait_reported(
+        floored,
+        lambda fw: (
+            fw.get("state") == "failed" and (fw.get("target") or {}).get("url") == old.download_url
+        ),
+    )
+    assert "version 1.1.0 is below the anti-rollback floor 1.2.0" in firmware["error"]
+    assert firmware["version"] == "1.2.0"
+    assert floored.booted_slot()["version"] == "1.2.0"
 
 
 def test_a_signature_by_an_untrusted_key_fails(fleet: Fleet) -> None:

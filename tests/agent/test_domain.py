@@ -129,20 +129,39 @@ def test_semver_precedence() -> None:
 versions = st.tuples(*[st.integers(0, 30)] * 3).map(lambda t: f"{t[0]}.{t[1]}.{t[2]}")
 
 
-@given(st.lists(versions, min_size=1, max_size=20))
-def test_the_floor_only_rises_and_nothing_below_it_passes(committed: list[str]) -> None:
-    floor: str | None = None
-    for version in committed:
+@given(st.lists(st.tuples(versions, st.none() | versions), min_size=1, max_size=20), versions)
+def test_the_floor_rises_only_to_declared_floors_and_nothing_below_it_passes(
+    commits: list[tuple[str, str | None]], factory: str
+) -> None:
+    # (version committed, the rollback_floor its manifest declares or None)
+    floor = factory
+    for _version, declared in commits:
         before = floor
-        floor = domain.raise_floor(floor, version)
-        assert before is None or domain.version_key(floor) >= domain.version_key(before)
-        assert not domain.is_below(version, floor) or before is not None
-    top = max(committed, key=domain.version_key)
-    assert floor is not None and domain.version_key(floor) == domain.version_key(top)
+        raised = domain.raise_floor(floor, declared)
+        assert raised is not None
+        floor = raised
+        assert domain.version_key(floor) >= domain.version_key(before)
+        if declared is None:
+            assert floor == before  # a build declaring nothing leaves the floor as it is
+        else:
+            assert domain.version_key(floor) == max(
+                domain.version_key(before), domain.version_key(declared)
+            )
+    top = max([factory, *(d for _, d in commits if d is not None)], key=domain.version_key)
+    assert domain.version_key(floor) == domain.version_key(top)
     assert all(
         domain.is_below(v, floor) == (domain.version_key(v) < domain.version_key(top))
-        for v in committed
+        for v, _ in commits
     )
+
+
+def test_committing_a_build_without_a_declared_floor_allows_going_back() -> None:
+    floor = domain.raise_floor("1.0.0", None)  # committed 1.2.0, which declares nothing
+    assert floor == "1.0.0" and not domain.is_below("1.1.0", floor)
+    floor = domain.raise_floor(floor, "1.2.0")  # committed a build declaring 1.2.0
+    assert floor == "1.2.0" and domain.is_below("1.1.0", floor)
+    assert domain.raise_floor(floor, "1.1.0") == "1.2.0"  # it never goes down
+    assert domain.raise_floor(None, None) is None
 
 
 # --- canonical JSON agrees with the artifact service --------------------------------------------
@@ -168,10 +187,21 @@ def signed_grant(
     version: str = "2.0.0",
     compatible: tuple[str, ...] = ("gw-100",),
     artifact_id: str = AID,
+    rollback_floor: str | None = None,
+    manifest_json: dict[str, Any] | None = None,
 ) -> tuple[Grant, dict[str, bytes]]:
+    """A grant whose manifest the artifact service built (or `manifest_json`, signed as is)."""
     manifest = server_domain.Manifest(
-        artifact_id, "fw", version, len(data), hashlib.sha256(data).hexdigest(), compatible
+        artifact_id,
+        "fw",
+        version,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        compatible,
+        rollback_floor,
     ).canonical()
+    if manifest_json is not None:
+        manifest = server_domain.canonical_json({**json.loads(manifest), **manifest_json})
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     key_id = hashlib.sha256(raw).hexdigest()[:16]
     body = {
@@ -221,6 +251,44 @@ def test_each_verification_failure_is_named(change: dict[str, Any], words: str) 
         domain.verify_manifest(
             grant, keys, TARGET, change.get("hardware", "gw-100"), change.get("floor", "1.0.0")
         )
+
+
+def test_a_declared_rollback_floor_is_read_from_the_signed_manifest() -> None:
+    grant, keys = signed_grant(Ed25519PrivateKey.generate(), rollback_floor="1.5.0")
+    assert '"rollback_floor":"1.5.0"' in grant.manifest
+    manifest = domain.verify_manifest(grant, keys, TARGET, "gw-100", "1.0.0")
+    assert manifest.rollback_floor == "1.5.0"
+    plain, plain_keys = signed_grant(Ed25519PrivateKey.generate())
+    assert domain.verify_manifest(plain, plain_keys, TARGET, "gw-100", None).rollback_floor is None
+
+
+def test_a_tampered_rollback_floor_fails_the_signature() -> None:
+    grant, keys = signed_grant(Ed25519PrivateKey.generate(), rollback_floor="2.0.0")
+    for forged in (
+        grant.manifest.replace('"rollback_floor":"2.0.0"', '"rollback_floor":"0.0.1"'),
+        grant.manifest.replace('"rollback_floor":"2.0.0",', ""),  # the floor removed
+    ):
+        assert forged != grant.manifest
+        tampered = Grant(**{**grant.__dict__, "manifest": forged})
+        with pytest.raises(VerificationError, match="signature does not verify"):
+            domain.verify_manifest(tampered, keys, TARGET, "gw-100", None)
+    # Added to a manifest signed without one, too.
+    plain, plain_keys = signed_grant(Ed25519PrivateKey.generate())
+    added = plain.manifest.replace('"name"', '"rollback_floor":"2.0.0","name"')
+    with pytest.raises(VerificationError, match="signature does not verify"):
+        domain.verify_manifest(
+            Grant(**{**plain.__dict__, "manifest": added}), plain_keys, TARGET, "gw-100", None
+        )
+
+
+@pytest.mark.parametrize("floor", ["2.0.1", "two", 2, None, "1.0"])
+def test_a_signed_but_malformed_rollback_floor_is_refused(floor: Any) -> None:
+    # Only a faulty signer produces these (the service refuses them at upload): still refused.
+    grant, keys = signed_grant(
+        Ed25519PrivateKey.generate(), manifest_json={"rollback_floor": floor}
+    )
+    with pytest.raises(VerificationError, match="malformed"):
+        domain.verify_manifest(grant, keys, TARGET, "gw-100", None)
 
 
 def test_content_must_match_the_manifest() -> None:

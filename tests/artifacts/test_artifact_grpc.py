@@ -86,6 +86,27 @@ def test_upload_computes_hash_and_size_and_signs_the_manifest(stack: ArtifactSta
     assert again == artifact
 
 
+def test_a_declared_rollback_floor_is_stored_and_signed(stack: ArtifactStack) -> None:
+    artifact = stack.upload(DATA, version="1.2.0", rollback_floor="1.2.0")
+    assert artifact.HasField("rollback_floor") and artifact.rollback_floor == "1.2.0"
+    assert json.loads(artifact.manifest_json)["rollback_floor"] == "1.2.0"
+    key = stack.stub.GetSigningKey(apb.GetSigningKeyRequest())
+    assert signing.verify(key.public_key, artifact.manifest_json.encode(), artifact.signature)
+    assert not signing.verify(
+        key.public_key,
+        artifact.manifest_json.replace(
+            '"rollback_floor":"1.2.0"', '"rollback_floor":"0.0.1"'
+        ).encode(),
+        artifact.signature,
+    )
+    again = stack.stub.GetArtifact(apb.GetArtifactRequest(artifact_id=artifact.artifact_id))
+    assert again == artifact
+
+    plain = stack.upload(DATA, version="1.3.0")
+    assert not plain.HasField("rollback_floor")
+    assert "rollback_floor" not in json.loads(plain.manifest_json)
+
+
 def test_a_large_upload_goes_up_in_parts(stack: ArtifactStack) -> None:
     # 12 MiB: with 5 MiB parts, S3 sees a three-part multipart upload; locally, one temp file.
     data = hashlib.sha256(b"seed").digest() * (12 * MIB // 32)
@@ -167,6 +188,8 @@ def test_oversized_upload_is_resource_exhausted_and_stores_nothing(
         {"sha256": "g" * 64},
         {"size": 0},
         {"size": -5},
+        {"rollback_floor": "1.0"},
+        {"rollback_floor": "1.0.1"},  # above the version 1.0.0
     ],
 )
 def test_bad_metadata_is_invalid_argument_and_stores_nothing(

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from device_agent import domain as agent_domain
 from services.artifacts import domain
 from services.artifacts.domain import (
     ArtifactSpec,
@@ -142,6 +143,48 @@ def test_the_manifest_is_exactly_the_documented_bytes() -> None:
         b'{"artifact_id":"0123456789abcdef0123456789abcdef","compatible":["gw-100","gw-200"],'
         b'"name":"fw","sha256":"' + b"a" * 64 + b'","size":5,"version":"1.0.0"}'
     )
+
+
+def test_a_declared_rollback_floor_is_signed_and_an_undeclared_one_changes_nothing() -> None:
+    digest = domain.Digest(5, "a" * 64)
+    plain = domain.build_manifest(ID, spec(version="1.2.0"), digest)
+    assert plain.rollback_floor is None and b"rollback_floor" not in plain.canonical()
+    floored = domain.build_manifest(ID, spec(version="1.2.0", rollback_floor="1.1.0"), digest)
+    assert floored.canonical() == (
+        b'{"artifact_id":"0123456789abcdef0123456789abcdef","compatible":["gw"],"name":"fw",'
+        b'"rollback_floor":"1.1.0","sha256":"' + b"a" * 64 + b'","size":5,"version":"1.2.0"}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "floor"),
+    [("1.2.0", "1.2.0"), ("1.2.0", "0.0.0"), ("2.0.0", "2.0.0-rc.1"), ("1.2.0+b7", "1.2.0")],
+)
+def test_a_rollback_floor_up_to_the_version_is_accepted(version: str, floor: str) -> None:
+    assert spec(version=version, rollback_floor=floor).rollback_floor == floor
+
+
+@pytest.mark.parametrize(
+    ("version", "floor"),
+    [("1.2.0", "1.2.1"), ("1.2.0-rc.1", "1.2.0"), ("1.2.0", "1.2"), ("1.2.0", ""),
+     ("1.2.0", "v1.0.0"), ("1.2.0", "1.0.0-" + "a" * 130)],
+)  # fmt: skip
+def test_a_rollback_floor_above_the_version_or_not_semver_is_refused(
+    version: str, floor: str
+) -> None:
+    with pytest.raises(InvalidArtifactError, match="rollback_floor"):
+        spec(version=version, rollback_floor=floor)
+
+
+@given(
+    st.from_regex(domain.SEMVER_PATTERN, fullmatch=True),
+    st.from_regex(domain.SEMVER_PATTERN, fullmatch=True),
+)
+def test_versions_are_ordered_as_the_device_agent_orders_them(a: str, b: str) -> None:
+    if len(a) > domain.MAX_VERSION_CHARS or len(b) > domain.MAX_VERSION_CHARS:
+        return
+    ours = domain.version_key(a) <= domain.version_key(b)
+    assert ours == (agent_domain.version_key(a) <= agent_domain.version_key(b))
 
 
 @given(st.integers(0, 2**62), st.from_regex(domain.ARTIFACT_ID_PATTERN, fullmatch=True))

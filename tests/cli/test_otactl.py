@@ -171,6 +171,22 @@ def test_artifact_upload_list_show_delete(stack: Stack, tmp_path: Path) -> None:
     assert [a["version"] for a in newer] == ["2.0.1", "2.0.0"]  # newest first
     human = ok(stack.root, "artifacts", "show", artifact_id).stdout
     assert uploaded["sha256"] in human and "manifest" in human
+    assert uploaded["rollback_floor"] is None and "rollback_floor" not in uploaded["manifest_json"]
+    floored = ok(
+        stack.root, "artifacts", "upload", str(build), "--name", "cli-secure",
+        "--version", "2.1.0", "--hardware", "rpi4", "--rollback-floor", "2.1.0", "--json",
+    ).json()  # fmt: skip
+    assert floored["rollback_floor"] == "2.1.0"
+    assert json.loads(floored["manifest_json"])["rollback_floor"] == "2.1.0"
+    assert (
+        "rollback floor 2.1.0" in ok(stack.root, "artifacts", "show", floored["artifact_id"]).stdout
+    )
+    above = otactl(
+        stack.root, "artifacts", "upload", str(build), "--name", "cli-secure",
+        "--version", "2.2.0", "--hardware", "rpi4", "--rollback-floor", "2.3.0",
+    )  # fmt: skip
+    assert above.code == 1 and "above the version" in above.stderr
+    assert "deleted" in ok(stack.root, "artifacts", "delete", floored["artifact_id"]).stdout
 
     duplicate = otactl(
         stack.root, "artifacts", "upload", str(build),

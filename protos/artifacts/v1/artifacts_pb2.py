@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/artifacts/v1/artifacts.proto\x12\x10ota.artifacts.v1\"z\n\x10\x41rtifactMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1b\n\x13\x63ompatible_hardware\x18\x03 \x03(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\x04size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"\x94\x01\n\x15UploadArtifactRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".ota.artifacts.v1.ArtifactMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12*\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1b.ota.artifacts.v1.UploadEndH\x00\x42\x06\n\x04part\"\x0b\n\tUploadEnd\"\xe0\x01\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1b\n\x13\x63ompatible_hardware\x18\x04 \x03(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x14\n\x0c\x64ownload_url\x18\x0b \x01(\t\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"K\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"_\n\x15ListArtifactsResponse\x12-\n\tartifacts\x18\x01 \x03(\x0b\x32\x1a.ota.artifacts.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteArtifactResponse\"\x16\n\x14GetSigningKeyRequest\"[\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x32\xd9\x03\n\x0f\x41rtifactService\x12W\n\x0eUploadArtifact\x12\'.ota.artifacts.v1.UploadArtifactRequest\x1a\x1a.ota.artifacts.v1.Artifact(\x01\x12O\n\x0bGetArtifact\x12$.ota.artifacts.v1.GetArtifactRequest\x1a\x1a.ota.artifacts.v1.Artifact\x12`\n\rListArtifacts\x12&.ota.artifacts.v1.ListArtifactsRequest\x1a\'.ota.artifacts.v1.ListArtifactsResponse\x12\x63\n\x0e\x44\x65leteArtifact\x12\'.ota.artifacts.v1.DeleteArtifactRequest\x1a(.ota.artifacts.v1.DeleteArtifactResponse\x12U\n\rGetSigningKey\x12&.ota.artifacts.v1.GetSigningKeyRequest\x1a\x1c.ota.artifacts.v1.SigningKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/artifacts/v1/artifacts.proto\x12\x10ota.artifacts.v1\"\xaa\x01\n\x10\x41rtifactMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1b\n\x13\x63ompatible_hardware\x18\x03 \x03(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\x04size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0erollback_floor\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_sizeB\x11\n\x0f_rollback_floor\"\x94\x01\n\x15UploadArtifactRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".ota.artifacts.v1.ArtifactMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12*\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1b.ota.artifacts.v1.UploadEndH\x00\x42\x06\n\x04part\"\x0b\n\tUploadEnd\"\x90\x02\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1b\n\x13\x63ompatible_hardware\x18\x04 \x03(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x14\n\x0c\x64ownload_url\x18\x0b \x01(\t\x12\x1b\n\x0erollback_floor\x18\x0c \x01(\tH\x00\x88\x01\x01\x42\x11\n\x0f_rollback_floor\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"K\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"_\n\x15ListArtifactsResponse\x12-\n\tartifacts\x18\x01 \x03(\x0b\x32\x1a.ota.artifacts.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteArtifactResponse\"\x16\n\x14GetSigningKeyRequest\"[\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x32\xd9\x03\n\x0f\x41rtifactService\x12W\n\x0eUploadArtifact\x12\'.ota.artifacts.v1.UploadArtifactRequest\x1a\x1a.ota.artifacts.v1.Artifact(\x01\x12O\n\x0bGetArtifact\x12$.ota.artifacts.v1.GetArtifactRequest\x1a\x1a.ota.artifacts.v1.Artifact\x12`\n\rListArtifacts\x12&.ota.artifacts.v1.ListArtifactsRequest\x1a\'.ota.artifacts.v1.ListArtifactsResponse\x12\x63\n\x0e\x44\x65leteArtifact\x12\'.ota.artifacts.v1.DeleteArtifactRequest\x1a(.ota.artifacts.v1.DeleteArtifactResponse\x12U\n\rGetSigningKey\x12&.ota.artifacts.v1.GetSigningKeyRequest\x1a\x1c.ota.artifacts.v1.SigningKeyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.artifacts.v1.artifacts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTIFACTMETADATA']._serialized_start=57
-  _globals['_ARTIFACTMETADATA']._serialized_end=179
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=182
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=330
-  _globals['_UPLOADEND']._serialized_start=332
-  _globals['_UPLOADEND']._serialized_end=343
-  _globals['_ARTIFACT']._serialized_start=346
-  _globals['_ARTIFACT']._serialized_end=570
-  _globals['_GETARTIFACTREQUEST']._serialized_start=572
-  _globals['_GETARTIFACTREQUEST']._serialized_end=613
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=615
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=690
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=692
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=787
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=789
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=833
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=835
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=859
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=861
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=883
-  _globals['_SIGNINGKEY']._serialized_start=885
-  _globals['_SIGNINGKEY']._serialized_end=976
-  _globals['_ARTIFACTSERVICE']._serialized_start=979
-  _globals['_ARTIFACTSERVICE']._serialized_end=1452
+  _globals['_ARTIFACTMETADATA']._serialized_start=58
+  _globals['_ARTIFACTMETADATA']._serialized_end=228
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=231
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=379
+  _globals['_UPLOADEND']._serialized_start=381
+  _globals['_UPLOADEND']._serialized_end=392
+  _globals['_ARTIFACT']._serialized_start=395
+  _globals['_ARTIFACT']._serialized_end=667
+  _globals['_GETARTIFACTREQUEST']._serialized_start=669
+  _globals['_GETARTIFACTREQUEST']._serialized_end=710
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=712
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=787
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=789
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=884
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=886
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=930
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=932
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=956
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=958
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=980
+  _globals['_SIGNINGKEY']._serialized_start=982
+  _globals['_SIGNINGKEY']._serialized_end=1073
+  _globals['_ARTIFACTSERVICE']._serialized_start=1076
+  _globals['_ARTIFACTSERVICE']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

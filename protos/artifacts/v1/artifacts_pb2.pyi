@@ -31,6 +31,7 @@ class ArtifactMetadata(_message.Message):
     COMPATIBLE_HARDWARE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FLOOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-128 characters of [A-Za-z0-9._-], starting with a letter or digit, no ".."."""
     version: _builtins.str
@@ -39,6 +40,13 @@ class ArtifactMetadata(_message.Message):
     """Optional: the sha256 (64 hex digits) the uploader expects; a mismatch rejects the upload."""
     size: _builtins.int
     """Optional: the size the uploader will send; fewer or more bytes reject the upload."""
+    rollback_floor: _builtins.str
+    """Optional: this build's anti-rollback floor, a semantic version not above `version`. It
+    goes into the signed manifest (`rollback_floor`); a device that commits this build refuses
+    every version below it from then on. Unset (the usual case): committing the build leaves
+    the device's floor as it is, so a fleet can be rolled back to the build it ran before.
+    Set it on a build that fixes a vulnerability the older builds have.
+    """
     @_builtins.property
     def compatible_hardware(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hardware models the artifact installs on: 1-64 distinct ids of [A-Za-z0-9._:-]."""
@@ -51,13 +59,19 @@ class ArtifactMetadata(_message.Message):
         compatible_hardware: _abc.Iterable[_builtins.str] | None = ...,
         sha256: _builtins.str = ...,
         size: _builtins.int | None = ...,
+        rollback_floor: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "size", b"size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor", "_size", b"_size", "rollback_floor", b"rollback_floor", "size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "compatible_hardware", b"compatible_hardware", "name", b"name", "sha256", b"sha256", "size", b"size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor", "_size", b"_size", "compatible_hardware", b"compatible_hardware", "name", b"name", "rollback_floor", b"rollback_floor", "sha256", b"sha256", "size", b"size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rollback_floor: _TypeAlias = _typing.Literal["rollback_floor"]  # noqa: Y015
+    _WhichOneofArgType__rollback_floor: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor"]  # noqa: Y015
     _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
     _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rollback_floor) -> _WhichOneofReturnType__rollback_floor | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
 
 Global___ArtifactMetadata: _TypeAlias = ArtifactMetadata  # noqa: Y015
@@ -123,6 +137,7 @@ class Artifact(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     DOWNLOAD_URL_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FLOOR_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """32 lowercase hex digits, assigned by the service."""
     name: _builtins.str
@@ -132,7 +147,8 @@ class Artifact(_message.Message):
     """Lowercase hex."""
     manifest_json: _builtins.str
     """The signed manifest, canonical JSON (sorted keys, no spaces):
-    {"artifact_id","compatible","name","sha256","size","version"}.
+    {"artifact_id","compatible","name","sha256","size","version"}, plus "rollback_floor" only
+    when the build declares one (so manifests of builds without it are unchanged).
     """
     signature: _builtins.bytes
     """Ed25519 signature over the UTF-8 bytes of manifest_json."""
@@ -142,6 +158,8 @@ class Artifact(_message.Message):
     """Unix time in milliseconds."""
     download_url: _builtins.str
     """The URL a rollout puts in desired state: {"firmware": {"version", "url": download_url}}."""
+    rollback_floor: _builtins.str
+    """The anti-rollback floor the build declares (also in manifest_json); unset if none."""
     @_builtins.property
     def compatible_hardware(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -158,12 +176,15 @@ class Artifact(_message.Message):
         key_id: _builtins.str = ...,
         created_at_ms: _builtins.int = ...,
         download_url: _builtins.str = ...,
+        rollback_floor: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor", "rollback_floor", b"rollback_floor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "compatible_hardware", b"compatible_hardware", "created_at_ms", b"created_at_ms", "download_url", b"download_url", "key_id", b"key_id", "manifest_json", b"manifest_json", "name", b"name", "sha256", b"sha256", "signature", b"signature", "size", b"size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor", "artifact_id", b"artifact_id", "compatible_hardware", b"compatible_hardware", "created_at_ms", b"created_at_ms", "download_url", b"download_url", "key_id", b"key_id", "manifest_json", b"manifest_json", "name", b"name", "rollback_floor", b"rollback_floor", "sha256", b"sha256", "signature", b"signature", "size", b"size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rollback_floor: _TypeAlias = _typing.Literal["rollback_floor"]  # noqa: Y015
+    _WhichOneofArgType__rollback_floor: _TypeAlias = _typing.Literal["_rollback_floor", b"_rollback_floor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rollback_floor) -> _WhichOneofReturnType__rollback_floor | None: ...
 
 Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
 
