@@ -12,7 +12,10 @@ once installed.
 Faults are assigned per device from a seeded random draw, so a run is repeatable: an install
 that fails (reported `failed`), a health check that fails (`rolled_back`), a download corrupted
 after it arrived (`failed`, sha256), a device that drops offline when its download starts and
-comes back later (resumes, then succeeds), a slow link (bytes/s cap).
+comes back later (resumes, then succeeds), a slow link (bytes/s cap), a silent device (stays
+connected, reports its state, but ignores every command: it never answers a rollout). Faults
+can also be given per device (`FleetSimulator(..., faults_of=...)`), so one fleet can hold
+groups with different faults.
 
 It does not own the stack: the broker, shadow, gateway and download plane run elsewhere, and
 the devices must exist there already (registered, or written into the broker's accounts).
@@ -37,6 +40,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,8 @@ from device_agent.installer import SLOTS, Slot, sha256_of
 
 log = logging.getLogger("device_agent.simulator")
 
-FAULTS = ("fail_install", "fail_health", "corrupt", "offline", "slow")
+# New faults go last: the seeded draw of the earlier ones stays the same.
+FAULTS = ("fail_install", "fail_health", "corrupt", "offline", "slow", "silent")
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED, Phase.ROLLED_BACK)
 
 
@@ -63,13 +68,21 @@ class MemoryInstaller:
     """The `Installer` interface over memory: two slots and a boot pointer. `install` hashes
     the image it is handed (the bytes must be the verified ones) and keeps only the digest."""
 
-    __slots__ = ("_boot", "_slots", "fail_health", "fail_install")
+    __slots__ = ("_boot", "_slots", "broken_builds", "fail_health", "fail_install")
 
-    def __init__(self, factory: Firmware, fail_install: bool = False, fail_health: bool = False):
+    def __init__(
+        self,
+        factory: Firmware,
+        fail_install: bool = False,
+        fail_health: bool = False,
+        broken_builds: AbstractSet[str] = frozenset(),
+    ):
         self._slots: dict[str, Slot] = {"a": Slot("a", factory, None)}
         self._boot = "a"
         self.fail_install = fail_install
         self.fail_health = fail_health
+        # Versions that fail their health check (one set shared by the whole fleet).
+        self.broken_builds = broken_builds
 
     def booted(self) -> Slot:
         return self._slots[self._boot]
@@ -98,8 +111,11 @@ class MemoryInstaller:
     def health_check(self, slot: str) -> str | None:
         if slot not in self._slots:
             return f"slot {slot} holds no image"
-        if self.fail_health and self._slots[slot].sha256 is not None:
+        image = self._slots[slot]
+        if self.fail_health and image.sha256 is not None:
             return "simulated health check failure"
+        if image.firmware.version in self.broken_builds:
+            return f"build {image.firmware.version} fails its health check (simulated)"
         return None
 
 
@@ -142,6 +158,7 @@ class Faults:
     corrupt: float = 0.0
     offline: float = 0.0
     slow: float = 0.0
+    silent: float = 0.0
     offline_seconds: float = 3.0
     slow_bytes_per_second: int = 64 * 1024
     seed: int = 0
@@ -221,6 +238,12 @@ class SimAgent(Agent):
         super().__init__(config, installer=device.installer, files=device.files)
         self.device = device
 
+    async def handle(self, document: Any, resync: bool) -> None:
+        if self.device.fault == "silent":
+            self.device.ignore(document, resync)
+            return
+        await super().handle(document, resync)
+
     def new_downloader(self, session: aiohttp.ClientSession) -> Downloader:
         return SimDownloader(self.config, session, self.device)
 
@@ -250,6 +273,7 @@ class SimulatedDevice:
         "fault",
         "faults",
         "files",
+        "ignored",
         "installer",
         "powered",
         "stop",
@@ -272,6 +296,17 @@ class SimulatedDevice:
         self.dropping = False
         self.went_offline = False
         self.boots = 0
+        # A silent device's record of the firmware blocks it was sent and ignored.
+        self.ignored: list[dict[str, Any]] | None = [] if fault == "silent" else None
+
+    def ignore(self, document: Any, resync: bool) -> None:
+        """Note (only) the desired firmware block of a command a silent device ignores."""
+        block = document.get("state") if isinstance(document, dict) else None
+        if resync and isinstance(block, dict):
+            block = block.get("desired")
+        firmware = block.get("firmware") if isinstance(block, dict) else None
+        if isinstance(firmware, dict) and self.ignored is not None:
+            self.ignored.append(dict(firmware))
 
     def power_off(self) -> None:
         self.powered = False
@@ -344,10 +379,23 @@ class FleetSimulator:
     each runs and reported, `wait_until(...)` waits for a fleet-wide condition, `stop()`
     disconnects them all. Run it in one asyncio loop."""
 
-    def __init__(self, settings: FleetSettings, devices: Iterable[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        devices: Iterable[tuple[str, str]],
+        faults_of: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """`faults_of`: each device's fault (None: none), instead of the draw from
+        `settings.faults` (whose other settings, offline seconds and slow rate, still apply)."""
         self.settings = settings
         credentials = list(devices)
-        assigned = settings.faults.assign([d for d, _ in credentials])
+        if faults_of is None:
+            assigned = settings.faults.assign([d for d, _ in credentials])
+        else:
+            unknown = {f for f in faults_of.values() if f is not None} - set(FAULTS)
+            if unknown:
+                raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
+            assigned = {d: f for d, f in faults_of.items() if f is not None}
         self.devices: dict[str, SimulatedDevice] = {}
         for device_id, password in credentials:
             config = AgentConfig(
@@ -402,6 +450,20 @@ class FleetSimulator:
 
     def faults(self) -> dict[str, str | None]:
         return {device_id: d.fault for device_id, d in self.devices.items()}
+
+    def break_build(self, version: str, device_ids: Iterable[str] | None = None) -> None:
+        """From now on, each of these devices (default: all) that installs `version` fails its
+        health check after the reboot and rolls back by itself: a bad build, as a canary
+        should catch it."""
+        chosen = (
+            self.devices.values() if device_ids is None else [self.devices[d] for d in device_ids]
+        )
+        shared: dict[AbstractSet[str], frozenset[str]] = {}  # one set per distinct old set
+        for device in chosen:
+            old = device.installer.broken_builds
+            if old not in shared:
+                shared[old] = frozenset({*old, version})
+            device.installer.broken_builds = shared[old]
 
     async def wait_until(
         self,
