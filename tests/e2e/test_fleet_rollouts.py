@@ -266,12 +266,6 @@ def test_a_failing_canary_aborts_and_nobody_else_is_touched(
         assert firmware_of(after[device_id], "desired") is None  # withdrawn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the agent refuses the rollback (the anti-rollback floor rose to the "
-    "version it committed, device_agent/boot.py raise_floor), so the execution never becomes "
-    "ROLLED_BACK and times out (ADR 34 vs ADR 20)",
-)
 def test_the_canary_devices_that_took_the_update_are_rolled_back(
     aborted_canary: AbortedCanary,
 ) -> None:
