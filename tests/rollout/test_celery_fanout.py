@@ -9,6 +9,7 @@ delta carrying the new firmware per device".
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -41,8 +42,16 @@ from tests.conftest import RunningShadow, service_missing
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 200
 CHUNK = 50
+PR_SET_PDEATHSIG = 1
 OLD = Firmware("1.0.0", "https://artifacts.example/v1/artifacts/old")
 NEW = Firmware("2.0.0", "https://artifacts.example/v1/artifacts/new")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, however it dies (Linux prctl), so a
+    killed test run leaves no worker behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_for(what: str, condition: Callable[[], bool], seconds: float = 90) -> None:
@@ -94,6 +103,7 @@ class Setup:
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         worker = Worker(process, log)
         self.workers.append(worker)
