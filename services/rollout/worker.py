@@ -2,7 +2,7 @@
 
 Runs the tasks of services/rollout/tasks.py in `OTA_ROLLOUT_WORKER_CONCURRENCY` threads (the
 work is waiting on gRPC and the database, so threads, and one process a SIGKILL ends whole).
-`--beat` also runs Celery beat inside it, which queues the periodic tick: run exactly one
+`--beat` also runs Celery beat inside it (a thread), which queues the periodic tick: run exactly one
 worker with `--beat` per deployment (more are harmless, only wasteful). The schema must exist
 already: the rollout service process migrates it at start.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import socket
+import threading
 
 from services.common.observability import configure_logging, start_metrics_server
 from services.rollout.settings import RolloutSettings
 
 
-def argv(settings: RolloutSettings, beat: bool, name: str) -> list[str]:
-    args = [
+def argv(settings: RolloutSettings, name: str) -> list[str]:
+    return [
         "worker",
         "--pool=threads",
         f"--concurrency={settings.worker_concurrency}",
@@ -27,7 +28,6 @@ def argv(settings: RolloutSettings, beat: bool, name: str) -> list[str]:
         "--without-mingle",
         f"--queues={settings.celery_queue}",
     ]
-    return [*args, "--beat"] if beat else args
 
 
 def main(arguments: list[str] | None = None) -> None:
@@ -38,9 +38,21 @@ def main(arguments: list[str] | None = None) -> None:
     configure_logging("rollout-worker")
     start_metrics_server()
     settings = RolloutSettings.from_env()
+    from celery.beat import EmbeddedService
+
     from services.rollout.tasks import app
 
-    app.worker_main(argv(settings, options.beat, options.name))
+    # Beat as a thread of this process, not Celery's `--beat` child process: a worker that is
+    # SIGKILLed takes its beat with it instead of leaving an orphan that ticks on.
+    beat = EmbeddedService(app, thread=True) if options.beat else None
+    if beat is not None:
+        assert isinstance(beat, threading.Thread)
+        beat.start()
+    try:
+        app.worker_main(argv(settings, options.name))
+    finally:
+        if beat is not None:
+            beat.stop()
 
 
 if __name__ == "__main__":

@@ -217,6 +217,23 @@ def test_a_worker_fans_a_rollout_out_in_chunks_and_the_tick_completes_it(setup: 
     assert set(setup.notified().values()) == {1}  # completing it notified nobody again
 
 
+def _processes_with(queue: str) -> list[int]:
+    """Pids of live processes started with OTA_CELERY_QUEUE=queue."""
+    marker = f"OTA_CELERY_QUEUE={queue}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def _blocked_deletes(engine: Engine) -> int:
     query = text(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
@@ -252,6 +269,8 @@ def test_a_worker_killed_mid_fan_out_loses_nothing_and_notifies_nobody_twice(
         assert set(second_chunk) <= set(sent)  # the shadow took the chunk ...
         worker.process.send_signal(signal.SIGKILL)  # ... and its worker dies before forgetting it
         worker.process.wait(30)
+        # Nothing of it lives on (Celery's own --beat would leave its beat process ticking).
+        assert _processes_with(setup.env["OTA_CELERY_QUEUE"]) == []
         holder.rollback()
     assert 0 < setup.pending_writes() < DEVICES  # killed mid-fan-out: some sent, some not
     setup.start_worker()
