@@ -156,6 +156,15 @@ def broker_config(
     }
 
 
+class _SubscriptionTable(dict[str, list[tuple[Session, int]]]):
+    """amqtt 0.12 broadcasts by iterating `_subscriptions.items()` with awaits inside the loop,
+    so a client subscribing meanwhile raises "dictionary changed size during iteration" and
+    kills the broadcast. Here `items()` is a snapshot."""
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return list(super().items())
+
+
 class GuardedBroker(Broker):
     """amqtt 0.12 settles a CONNECT's session before it authenticates: a clean session drops
     the namesake session (say, the gateway's, with every device request queued for it), a
@@ -164,6 +173,7 @@ class GuardedBroker(Broker):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        self._subscriptions = _SubscriptionTable()  # empty at this point, as in amqtt
         self._deferred_deletes: set[str] = set()
         self._owners: dict[str, tuple[str | None, str | None]] = {}
 
