@@ -272,6 +272,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             OTA_MQTT_PORT=str(mqtt_port),
             OTA_ROLLOUT_RECONCILE_SECONDS="1",
         )
+        for setting in args.env or []:  # experiments: --env OTA_X=Y for every stack process
+            name, _, value = setting.partition("=")
+            env[name] = value
+        result["env"] = dict(setting.partition("=")[::2] for setting in args.env or [])
         began = time.perf_counter()
         devices = provision(root, database_url, mqtt_port, n) if args.provision == "bulk" else []
         if args.celery_broker:
@@ -437,6 +441,9 @@ def main() -> None:
         ),
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after (s)")
+    parser.add_argument(
+        "--env", action="append", metavar="OTA_X=Y", help="a setting for the stack (repeatable)"
+    )
     parser.add_argument("--connect-concurrency", type=int, default=200)
     parser.add_argument("--http-connections", type=int, default=100)
     parser.add_argument(
