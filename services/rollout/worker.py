@@ -44,7 +44,13 @@ def main(arguments: list[str] | None = None) -> None:
 
     # Beat as a thread of this process, not Celery's `--beat` child process: a worker that is
     # SIGKILLed takes its beat with it instead of leaving an orphan that ticks on.
-    beat = EmbeddedService(app, thread=True) if options.beat else None
+    # Celery's Service ignores `beat_scheduler` unless told: without it, the persistent
+    # scheduler would write celerybeat-schedule files into the working directory.
+    beat = (
+        EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
+        if options.beat
+        else None
+    )
     if beat is not None:
         assert isinstance(beat, threading.Thread)
         beat.start()

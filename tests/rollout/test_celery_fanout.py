@@ -98,7 +98,7 @@ class Setup:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "services.rollout.worker", "--beat"],
-            cwd=REPO,
+            cwd=self.tmp,
             env=self.env,
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -214,6 +214,7 @@ def test_a_worker_fans_a_rollout_out_in_chunks_and_the_tick_completes_it(setup: 
         )
     wait_for("rollout completed", lambda: setup.status("celery-all") == RolloutStatus.COMPLETED)
     assert worker.tasks_succeeded("ota.rollout.tick") >= 1
+    assert list(setup.tmp.glob("celerybeat-schedule*")) == []  # beat keeps its schedule in memory
     assert set(setup.notified().values()) == {1}  # completing it notified nobody again
 
 
