@@ -514,17 +514,7 @@ def progress_from_counts(
         by_status[status] += count
         if requested and status not in SETTLED_AFTER_ROLLBACK:
             pending += count
-    state = rollout.state
-    sizes = rollout.definition.stage_sizes(targets)
-    return Progress(
-        status=state.status,
-        stage_index=state.stage_index,
-        stage_size=sizes[state.stage_index],
-        targets=targets,
-        not_started=max(0, targets - sum(by_status.values())),
-        by_status=tuple((status, by_status[status]) for status in ExecutionStatus),
-        rollbacks_pending=pending,
-    )
+    return _summary(rollout, by_status, pending, sum(by_status.values()), targets)
 
 
 def progress(rollout: Rollout, executions: Iterable[Execution], targets: int) -> Progress:
@@ -536,6 +526,16 @@ def progress(rollout: Rollout, executions: Iterable[Execution], targets: int) ->
         counts[execution.status] += 1
         pending += execution.rollback_pending
         notified.add(execution.device_id)
+    return _summary(rollout, counts, pending, len(notified), targets)
+
+
+def _summary(
+    rollout: Rollout,
+    counts: Counter[ExecutionStatus],
+    pending: int,
+    notified: int,
+    targets: int,
+) -> Progress:
     state = rollout.state
     sizes = rollout.definition.stage_sizes(targets)
     return Progress(
@@ -543,7 +543,7 @@ def progress(rollout: Rollout, executions: Iterable[Execution], targets: int) ->
         stage_index=state.stage_index,
         stage_size=sizes[state.stage_index],
         targets=targets,
-        not_started=max(0, targets - len(notified)),
+        not_started=max(0, targets - notified),
         by_status=tuple((status, counts[status]) for status in ExecutionStatus),
         rollbacks_pending=pending,
     )
