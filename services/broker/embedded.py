@@ -40,6 +40,7 @@ class _DeviceCheck:
         self.token = token
         self.recheck_seconds = recheck_seconds
         self._stub: shadow_pb2_grpc.ShadowServiceAsyncStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
 
     async def authenticated(self, device_id: str, password: str, fresh: bool = False) -> bool:
@@ -48,9 +49,14 @@ class _DeviceCheck:
         now = time.monotonic()
         if cached and not fresh and now - cached[1] < self.recheck_seconds:
             return cached[0]
-        if self._stub is None:
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop:
+            # A gRPC aio channel belongs to the loop it was made in; a broker started again in
+            # another loop (tests do) with the same shadow address needs its own.
             channel = bearer_aio_channel(self.shadow_address, self.token)
             self._stub = shadow_pb2_grpc.ShadowServiceStub(channel)
+            self._loop = loop
+            self._answers.clear()
         try:
             reply = await self._stub.AuthenticateDevice(
                 pb.AuthenticateDeviceRequest(device_id=device_id, password=password), timeout=5
