@@ -58,6 +58,9 @@ from device_agent.installer import FilesystemInstaller, HookInstaller, Installer
 log = logging.getLogger("device_agent")
 
 MAX_MESSAGE_BYTES = 64 * 1024
+# Rejections that mean "not now" (rate limit, shadow service busy or down): sent again.
+RETRYABLE_REJECTIONS = (429, 500, 503)
+RESEND_SECONDS = 1.0  # the pause before a re-send is 1-2x this
 MAX_ERROR_BODY_BYTES = 4096
 CHUNK_BYTES = 64 * 1024
 ProgressCallback = Callable[[int, int], Awaitable[None]]
@@ -240,15 +243,18 @@ class Agent:
         self.reboot = asyncio.Event()
         self.connected = asyncio.Event()
         self._last_percent: int | None = None
+        self._resend: asyncio.Task[None] | None = None
         prefix = config.device_id
         self.topic_delta = f"{prefix}/state/update/delta"
         self.topic_get_accepted = f"{prefix}/state/get/accepted"
+        self.topic_update_rejected = f"{prefix}/state/update/rejected"
+        self.topic_get_rejected = f"{prefix}/state/get/rejected"
         self.topics = [
             self.topic_delta,
             f"{prefix}/state/update/accepted",
-            f"{prefix}/state/update/rejected",
+            self.topic_update_rejected,
             self.topic_get_accepted,
-            f"{prefix}/state/get/rejected",
+            self.topic_get_rejected,
         ]
 
     @property
@@ -349,13 +355,41 @@ class Agent:
             if not isinstance(payload, bytes | bytearray) or len(payload) > MAX_MESSAGE_BYTES:
                 continue
             topic = message.topic.value
-            if topic not in (self.topic_delta, self.topic_get_accepted):
+            if topic not in (
+                self.topic_delta,
+                self.topic_get_accepted,
+                self.topic_update_rejected,
+                self.topic_get_rejected,
+            ):
                 continue
             try:
                 document = json.loads(payload)
             except ValueError:
                 continue
+            if topic in (self.topic_update_rejected, self.topic_get_rejected):
+                self._on_rejected(document, client, resync=topic == self.topic_get_rejected)
+                continue
             await self.handle(document, resync=topic == self.topic_get_accepted)
+
+    def _on_rejected(self, document: Any, client: aiomqtt.Client, resync: bool) -> None:
+        """A report or resync the platform could not take now (429 rate limit, 503 shadow
+        service busy or down) is sent again after a pause: what the device runs is the truth
+        the shadow must end up with, and a lost final report would leave a rollout waiting.
+        One re-send at a time; it sends the state as it is then (reports are whole)."""
+        code = document.get("code") if isinstance(document, dict) else None
+        if code not in RETRYABLE_REJECTIONS or (self._resend and not self._resend.done()):
+            return
+        self._resend = asyncio.create_task(self._send_again(client, resync))
+
+    async def _send_again(self, client: aiomqtt.Client, resync: bool) -> None:
+        await asyncio.sleep(RESEND_SECONDS * (1 + random.random()))
+        if self.client is not client:
+            return  # reconnected meanwhile: the new connection reported and resynced
+        if resync:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(f"{self.config.device_id}/state/get", "{}", qos=1)
+        else:
+            await self._report(self._truth())
 
     # --- commands ------------------------------------------------------------------------------
 

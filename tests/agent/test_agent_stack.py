@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protos.artifacts.v1 import artifacts_pb2 as apb
+from protos.shadow.v1 import shadow_pb2 as spb
 from services.artifacts import signing
 from tests.agent.conftest import Fleet
 
@@ -202,3 +204,26 @@ def test_a_partial_download_is_resumed(fleet: Fleet) -> None:
     assert firmware["version"] == "2.0.0"
     assert (agent.data_dir / "system" / "slots" / "b" / "image").read_bytes() == IMAGE
     assert "resuming from byte 120000 of 300000" in agent.log_text()
+
+
+def test_a_report_the_platform_could_not_take_is_sent_again(fleet: Fleet) -> None:
+    """The gateway answers `rejected` 503 when the shadow service is busy or down (429 when
+    the device is over its rate): the agent sends its report again, so the shadow ends up with
+    the truth (a lost final report would leave a rollout waiting)."""
+    agent = fleet.agent("dev-resend")
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    before = shadow_version(fleet, "dev-resend")
+    gateway = fleet.stack.connect(fleet.stack.gateway_endpoint)  # who answers devices
+    assert gateway.wait_connected()
+    gateway.publish("dev-resend/state/update/rejected", {"code": 503, "message": "busy"})
+    deadline = time.monotonic() + 30
+    while shadow_version(fleet, "dev-resend") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shadow_version(fleet, "dev-resend") > before  # the report came again
+    assert fleet.reported("dev-resend")["version"] == "1.0.0"
+
+
+def shadow_version(fleet: Fleet, device_id: str) -> int:
+    reply = fleet.stack.shadow.GetShadow(spb.GetShadowRequest(device_id=device_id))
+    return int(reply.version)
