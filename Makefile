@@ -36,6 +36,8 @@ proto-check: install
 	  --mypy_out=.proto-check --mypy_grpc_out=.proto-check $(PROTO_FILES)
 	@cd .proto-check && for f in $$(find protos -type f); do \
 	  cmp -s "$$f" "../$$f" || { echo "stale generated code: $$f (run 'make proto')"; exit 1; }; done
+	@for f in $$(find protos -type f -name '*_pb2*'); do \
+	  test -f ".proto-check/$$f" || { echo "generated code without its .proto: $$f"; exit 1; }; done
 	@rm -rf .proto-check
 
 lint: install

@@ -57,6 +57,7 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RAW_TABLE = "devices_raw"
 SQLA_TABLE = "devices_sqla"
+RAW_EVENTS_TABLE = "shadow_events_raw"
 REGISTERED_BY_RPC = 50  # the rest are inserted directly, as the same rows RegisterDevice writes
 TAGS = {"site": "berlin", "model": "gw-100"}
 CHANNEL_OPTIONS = [
@@ -270,6 +271,7 @@ def create_baseline_tables(conn: psycopg.Connection[Any]) -> None:
     for table in (RAW_TABLE, SQLA_TABLE):
         conn.execute(f"CREATE TABLE {table} (LIKE devices INCLUDING ALL)")
         conn.execute(f"INSERT INTO {table} SELECT * FROM devices")
+    conn.execute(f"CREATE TABLE {RAW_EVENTS_TABLE} (LIKE shadow_events INCLUDING ALL)")
     conn.execute(
         "CREATE TEMP TABLE raw_staging (device_id text, desired jsonb, reported jsonb,"
         " shadow_metadata jsonb, version bigint, has_shadow boolean) ON COMMIT DELETE ROWS"
@@ -591,24 +593,74 @@ def run_unary(server: Server, factory: CallFactory, callers: int, seconds: float
     )
 
 
+def raw_update_calls(
+    database_url: str, ids: Sequence[str], callers: int, connections: list[psycopg.Connection[Any]]
+) -> CallFactory:
+    """The database's share of an `UpdateShadow`, without gRPC or Python rules: the same three
+    statements the store sends (lock the row, write it with its outbox row, commit), straight
+    on psycopg with a connection per caller (added to `connections`), into `devices_raw` and a
+    copy of the outbox."""
+
+    def factory(channel: grpc.Channel, caller: int) -> Call:
+        conn = psycopg.connect(database_url)
+        connections.append(conn)
+        mine = ids[caller::callers] or ids[caller % len(ids) :][:1]
+
+        def call(n: int) -> object:
+            device_id = mine[n % len(mine)]
+            reported = compact({"firmware": {"version": "2.0.1"}, "uptime_s": n})
+            with conn.cursor() as cursor:
+                cursor.execute(RAW_LOCK, (device_id,), prepare=True)
+                row = cursor.fetchone()
+                assert row is not None
+                cursor.execute(
+                    RAW_WRITE_WITH_EVENT,
+                    (reported, row[0] + 1, device_id, device_id, row[0] + 1, reported),
+                    prepare=True,
+                )
+            conn.commit()
+            return row
+
+        return call
+
+    return factory
+
+
+RAW_LOCK = f"SELECT version FROM {RAW_TABLE} WHERE device_id = %s FOR UPDATE"
+RAW_WRITE_WITH_EVENT = (
+    f"WITH written AS (UPDATE {RAW_TABLE} SET reported = %s::jsonb, version = %s,"
+    " has_shadow = true WHERE device_id = %s)"
+    f" INSERT INTO {RAW_EVENTS_TABLE} (bucket, device_id, version, delta_json, documents_json)"
+    " VALUES (0, %s, %s, NULL, %s)"
+)
+
+
 @dataclass(frozen=True)
 class UnaryRow:
     callers: int
     update: UnaryResult
     health: UnaryResult
+    database: UnaryResult
 
 
-def measure_unary(config: Config, server: Server) -> list[UnaryRow]:
+def measure_unary(config: Config, server: Server, database_url: str) -> list[UnaryRow]:
     ids = device_ids(config.devices)
     rows = []
     warm_up = min(1.0, config.unary_seconds / 5)
     for callers in config.callers:
         update = update_shadow_calls(ids, callers)
-        run_unary(server, health_calls, callers, warm_up)
-        run_unary(server, update, callers, warm_up)
-        health_result = run_unary(server, health_calls, callers, config.unary_seconds)
-        update_result = run_unary(server, update, callers, config.unary_seconds)
-        rows.append(UnaryRow(callers, update_result, health_result))
+        connections: list[psycopg.Connection[Any]] = []
+        database = raw_update_calls(database_url, ids, callers, connections)
+        try:
+            run_unary(server, health_calls, callers, warm_up)
+            run_unary(server, update, callers, warm_up)
+            health_result = run_unary(server, health_calls, callers, config.unary_seconds)
+            update_result = run_unary(server, update, callers, config.unary_seconds)
+            database_result = run_unary(server, database, callers, config.unary_seconds)
+        finally:
+            for conn in connections:
+                conn.close()
+        rows.append(UnaryRow(callers, update_result, health_result, database_result))
         print(f"  unary {server.label}, {callers} callers done", file=sys.stderr)
     return rows
 
@@ -651,7 +703,7 @@ def unary_report(server: Server, rows: Sequence[UnaryRow]) -> str:
 
     body = []
     for row in rows:
-        u, h = row.update, row.health
+        u, h, d = row.update, row.health, row.database
         body.append(
             [
                 str(row.callers),
@@ -662,6 +714,8 @@ def unary_report(server: Server, rows: Sequence[UnaryRow]) -> str:
                 ms(h.percentile(0.5)),
                 ms(h.percentile(0.99)),
                 f"{u.rate / h.rate:.2f}",
+                f"{d.rate:,.0f}",
+                ms(d.percentile(0.5)),
                 f"{u.client_cpu:.2f} / {u.server_cpu:.2f} / {u.machine_cpu:.2f}",
             ]
         )
@@ -674,9 +728,14 @@ def unary_report(server: Server, rows: Sequence[UnaryRow]) -> str:
         "p50 ms",
         "p99 ms",
         "ratio",
+        "raw SQL calls/s",
+        "p50 ms",
         "CPU client / server / machine",
     ]
-    cpu_note = f"(CPU: cores busy during the UpdateShadow run, of {os.cpu_count()}"
+    cpu_note = (
+        "(raw SQL: the update's three statements straight on psycopg, no gRPC: the database's"
+        f" share; CPU: cores busy during the UpdateShadow run, of {os.cpu_count()}"
+    )
     if server.label == "in-process":
         cpu_note += "; client and server are one process, so their figures are the same"
     return table(header, body) + "\n" + cpu_note + ")"
@@ -741,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for server in servers:
             print(f"\n## (b) unary UpdateShadow vs Health/Check, {server.label} server\n")
-            rows = measure_unary(config, server)
+            rows = measure_unary(config, server, url)
             print(unary_report(server, rows))
             for row in rows:
                 ratio = row.update.rate / row.health.rate

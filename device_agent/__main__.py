@@ -1,8 +1,10 @@
 """`python -m device_agent --config FILE`: run the agent; "reboot" by re-executing itself.
 
 `OTA_AGENT_CRASH_AT=<step>` (tests only) makes the process SIGKILL itself at that step of an
-update: accepted, downloaded, verified, installed, marked, switched, booted, checked, decided,
-reverted. The power-loss tests use it to cut the power at every step.
+update: accepted, downloading (the first chunk of the body written, more to come), downloaded,
+verified, installing (the image moved into the slot's staging directory, its slot.json not yet
+written), installed, marked, switched, booted, checked, decided, reverted. The power-loss tests
+use it to cut the power at every step; unset, the hook is `no_crash`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import sys
 from pathlib import Path
 
 from device_agent.agent import Agent
-from device_agent.boot import CrashPoint
 from device_agent.config import load_config
 from device_agent.errors import ConfigError
+from device_agent.installer import CrashPoint, no_crash
 
 
 def crash_hook(step_to_die_at: str | None) -> CrashPoint:
+    if not step_to_die_at:
+        return no_crash
+
     def crash(step: str) -> None:
         if step == step_to_die_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -30,11 +35,10 @@ def crash_hook(step_to_die_at: str | None) -> CrashPoint:
 
 
 async def serve(agent: Agent) -> bool:
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await agent.run(stop)
+        loop.add_signal_handler(sig, agent.stop)
+    return await agent.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ the caller "reboots" (`__main__` re-executes the process; the boot step commits 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
 import json
 import logging
@@ -19,13 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import aiomqtt
 
 from device_agent import boot as bootmod
-from device_agent.boot import AgentState, CrashPoint, Outcome, StateFiles, no_crash
+from device_agent.boot import AgentState, Outcome, StateFiles
 from device_agent.config import AgentConfig
 from device_agent.domain import (
     Firmware,
@@ -53,7 +55,14 @@ from device_agent.errors import (
     RetryableDownloadError,
     UpdateError,
 )
-from device_agent.installer import FilesystemInstaller, HookInstaller, Installer, sha256_of
+from device_agent.installer import (
+    CrashPoint,
+    FilesystemInstaller,
+    HookInstaller,
+    Installer,
+    no_crash,
+    sha256_of,
+)
 
 log = logging.getLogger("device_agent")
 
@@ -64,9 +73,16 @@ RESEND_SECONDS = 1.0  # the pause before a re-send is 1-2x this
 MAX_ERROR_BODY_BYTES = 4096
 CHUNK_BYTES = 64 * 1024
 ProgressCallback = Callable[[int, int], Awaitable[None]]
+# The topics the agent subscribes to, under `<device id>/`; only the first four carry commands
+# or answers it acts on (`update/accepted` is subscribed to, as the protocol has it, and ignored).
+DELTA = "state/update/delta"
+GET_ACCEPTED = "state/get/accepted"
+UPDATE_REJECTED = "state/update/rejected"
+GET_REJECTED = "state/get/rejected"
+SUBSCRIBED = (DELTA, "state/update/accepted", UPDATE_REJECTED, GET_ACCEPTED, GET_REJECTED)
 
 
-def make_installer(config: AgentConfig) -> Installer:
+def make_installer(config: AgentConfig, crash: CrashPoint = no_crash) -> Installer:
     factory = Firmware(config.factory_version, None)
     root = config.data_dir / "system"
     if config.installer == "hook":
@@ -76,8 +92,9 @@ def make_installer(config: AgentConfig) -> Installer:
             install_command=config.install_command,
             activate_command=config.activate_command,
             health_command=config.health_command,
+            crash=crash,
         )
-    return FilesystemInstaller(root, factory, config.health_command)
+    return FilesystemInstaller(root, factory, config.health_command, crash)
 
 
 # --- downloads -----------------------------------------------------------------------------------
@@ -86,10 +103,15 @@ def make_installer(config: AgentConfig) -> Installer:
 class Downloader:
     """Token, exchange, ranged download with resume, per docs/download-protocol.md."""
 
-    def __init__(self, config: AgentConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: AgentConfig, session: aiohttp.ClientSession, crash: CrashPoint = no_crash
+    ) -> None:
         self.config = config
         self.session = session
-        self.auth = aiohttp.BasicAuth(config.device_id, config.password)
+        self.crash = crash
+        # HTTP Basic with the device's own credentials (aiohttp's BasicAuth is deprecated).
+        credentials = f"{config.device_id}:{config.password}".encode()
+        self.authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
         self.partial_dir = config.data_dir / "download"
 
     def partial_path(self, target: Target) -> Path:
@@ -148,7 +170,8 @@ class Downloader:
 
     async def _post_json(self, url: str, what: str, expect: int, **kwargs: Any) -> Any:
         try:
-            async with self.session.post(url, auth=self.auth, **kwargs) as response:
+            headers = {"Authorization": self.authorization}
+            async with self.session.post(url, headers=headers, **kwargs) as response:
                 if response.status != expect:
                     raise await self._error(response, what)
                 body = await response.content.read(64 * 1024)
@@ -184,9 +207,10 @@ class Downloader:
             headers["Range"] = f"bytes={have}-"
             log.info("download: resuming from byte %d of %d", have, grant.size)
         # Device credentials go only to the plane itself, never to a presigned S3 URL.
-        auth = self.auth if origin(grant.url) == origin(target.url) else None
+        if origin(grant.url) == origin(target.url):
+            headers["Authorization"] = self.authorization
         try:
-            async with self.session.get(grant.url, auth=auth, headers=headers) as response:
+            async with self.session.get(grant.url, headers=headers) as response:
                 if response.status == 416:
                     part.unlink(missing_ok=True)
                 if response.status not in (200, 206):
@@ -198,6 +222,9 @@ class Downloader:
                     if start < 0:
                         part.unlink(missing_ok=True)
                         raise RetryableDownloadError("download: unexpected Content-Range")
+                    log.info("download: the server resumed at byte %d", have)
+                elif have:
+                    log.info("download: the server sent the whole artifact; from byte 0")
                 received = start
                 with part.open("r+b" if start and part.exists() else "wb") as handle:
                     handle.seek(start)
@@ -209,6 +236,10 @@ class Downloader:
                                 f"the server sent more than the manifest's {grant.size} bytes"
                             )
                         handle.write(chunk)
+                        if received - len(chunk) == start and received < grant.size:
+                            # The first chunk of this body is on disk and more is to come.
+                            handle.flush()
+                            self.crash("downloading")
                         await progress(received, grant.size)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -218,10 +249,71 @@ class Downloader:
             raise RetryableDownloadError(f"download: cut short at {received} of {grant.size}")
 
 
+# --- the MQTT inbox ------------------------------------------------------------------------------
+
+
+class MessageQueue:
+    """The incoming-message queue of one aiomqtt client (its `queue_type`): FIFO, unbounded
+    unless `maxsize` > 0, the part of `asyncio.Queue` aiomqtt uses (`put_nowait`, `get`,
+    `qsize`). Why not `asyncio.Queue`: it holds four deques from birth (about 3 KiB), which is
+    a tenth of what a simulated device costs when thousands of agents share one process (the
+    fleet simulator); this one holds nothing while no message waits. Any number of readers;
+    a reader cancelled after being woken leaves the message for the next `get`."""
+
+    __slots__ = ("_items", "_maxsize", "_waiters")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._maxsize = maxsize
+        self._items: collections.deque[aiomqtt.Message] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if 0 < self._maxsize <= self.qsize():
+            raise asyncio.QueueFull
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)  # every reader re-checks; a late one waits again
+
+    async def get(self) -> aiomqtt.Message:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+                if not self._waiters:
+                    self._waiters = None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+
+# aiomqtt types `queue_type` as an asyncio.Queue class; it calls only what MessageQueue has.
+MESSAGE_QUEUE = cast("type[asyncio.Queue[aiomqtt.Message]]", MessageQueue)
+
+
 # --- the agent -----------------------------------------------------------------------------------
 
 
 class Agent:
+    """One device's agent. `run()` serves until `stop()` (returns False) or until an installed
+    update wants a reboot (returns True).
+
+    Thousands of these share one process in the fleet simulator, so a connected agent holds
+    no task or event beyond what it needs: the task that runs it, the task reading the MQTT
+    inbox, and the client's own. `stop()` and a finished update wake it by cancelling the
+    reader (or ending the pause before a reconnect) instead of each having a waiter task."""
+
     def __init__(
         self,
         config: AgentConfig,
@@ -233,29 +325,22 @@ class Agent:
         # simulator passes in-memory ones.
         self.config = config
         self.crash = crash
-        self.installer = installer if installer is not None else make_installer(config)
+        self.installer = installer if installer is not None else make_installer(config, crash)
         self.files = (
             files if files is not None else StateFiles(config.data_dir, config.factory_version)
         )
         self.state: AgentState = self.files.load()
         self.client: aiomqtt.Client | None = None
         self.job: asyncio.Task[None] | None = None
-        self.reboot = asyncio.Event()
-        self.connected = asyncio.Event()
+        self.downloader: Downloader | None = None  # the current update's
+        self.connected = False  # subscribed, reported and resync asked on this connection
+        self.rebooting = False  # an installed update wants the reboot
+        self.stopping = False
+        self._session: aiohttp.ClientSession | None = None
         self._last_percent: int | None = None
         self._resend: asyncio.Task[None] | None = None
-        prefix = config.device_id
-        self.topic_delta = f"{prefix}/state/update/delta"
-        self.topic_get_accepted = f"{prefix}/state/get/accepted"
-        self.topic_update_rejected = f"{prefix}/state/update/rejected"
-        self.topic_get_rejected = f"{prefix}/state/get/rejected"
-        self.topics = [
-            self.topic_delta,
-            f"{prefix}/state/update/accepted",
-            self.topic_update_rejected,
-            self.topic_get_accepted,
-            self.topic_get_rejected,
-        ]
+        self._reader: asyncio.Task[None] | None = None  # while connected
+        self._pause: asyncio.Future[None] | None = None  # while waiting to reconnect
 
     @property
     def running(self) -> Firmware:
@@ -285,20 +370,34 @@ class Agent:
     # --- the connection ------------------------------------------------------------------------
 
     def new_downloader(self, session: aiohttp.ClientSession) -> Downloader:
-        """The downloader of this run (the fleet simulator wraps it to inject faults)."""
-        return Downloader(self.config, session)
+        """The downloader of an update (the fleet simulator wraps it to inject faults)."""
+        return Downloader(self.config, session, self.crash)
 
-    async def run(self, stop: asyncio.Event, session: aiohttp.ClientSession | None = None) -> bool:
-        """Boot, then serve until `stop` is set (False) or an installed update wants a reboot
+    def stop(self) -> None:
+        """Make `run` disconnect and return False, from any state, at once (before `run`
+        too; a signal handler may call it)."""
+        self.stopping = True
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._pause is not None and not self._pause.done():
+            self._pause.set_result(None)
+
+    def on_connected(self) -> None:
+        """Called on each connection once subscribed, reported and resync asked (the fleet
+        simulator waits for it)."""
+
+    async def run(self, session: aiohttp.ClientSession | None = None) -> bool:
+        """Boot, then serve until `stop()` (False) or an installed update wants a reboot
         (True). `session`: an HTTP session to share (the fleet simulator's); else its own."""
         self.state = await asyncio.to_thread(bootmod.boot, self.installer, self.files, self.crash)
-        async with contextlib.AsyncExitStack() as scope:
-            if session is None:
-                timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
-                session = await scope.enter_async_context(aiohttp.ClientSession(timeout=timeout))
-            self.downloader = self.new_downloader(session)
+        own_session = session is None
+        if session is None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+            session = aiohttp.ClientSession(timeout=timeout)
+        self._session = session
+        try:
             backoff = 0.5
-            while not stop.is_set() and not self.reboot.is_set():
+            while not self.stopping and not self.rebooting:
                 try:
                     async with aiomqtt.Client(
                         self.config.mqtt_host,
@@ -306,70 +405,81 @@ class Agent:
                         username=self.config.device_id,
                         password=self.config.password,
                         identifier=self.config.device_id,
+                        queue_type=MESSAGE_QUEUE,
                         protocol=aiomqtt.ProtocolVersion.V311,
                         clean_session=True,
                         keepalive=self.config.keepalive,
                     ) as client:
                         backoff = 0.5
-                        await self._serve(client, stop)
+                        await self._serve(client)
                 except aiomqtt.MqttError as exc:
                     log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, backoff)
                 finally:
                     self.client = None
-                    self.connected.clear()
-                if stop.is_set() or self.reboot.is_set():
+                    self.connected = False
+                if self.stopping or self.rebooting:
                     break
-                jitter = backoff * random.random()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff + jitter)
+                await self._pause_unless_stopped(backoff + backoff * random.random())
                 backoff = min(backoff * 2, 30.0)
-            if self.job is not None and not self.reboot.is_set():
+            if self.job is not None and not self.rebooting:
                 self.job.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self.job
-        return self.reboot.is_set()
+        finally:
+            if own_session:
+                await session.close()
+        return self.rebooting
 
-    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        for topic in self.topics:
-            await client.subscribe(topic, qos=1)
+    async def _pause_unless_stopped(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        pause = self._pause = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Subscribe, report, ask to resync, then read commands until the connection drops
+        (MqttError), `stop()` or a reboot is due (both cancel the reader: return)."""
+        for suffix in SUBSCRIBED:
+            await client.subscribe(f"{self.config.device_id}/{suffix}", qos=1)
         self.client = client
         await self._report(self._truth())
         await client.publish(f"{self.config.device_id}/state/get", "{}", qos=1)
-        self.connected.set()
-        inbound = asyncio.create_task(self._inbound(client))
-        stopped = asyncio.create_task(stop.wait())
-        rebooting = asyncio.create_task(self.reboot.wait())
-        tasks = [inbound, stopped, rebooting]
+        self.connected = True
+        self.on_connected()
+        if self.stopping or self.rebooting:
+            return
+        reader = self._reader = asyncio.create_task(self._inbound(client))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if inbound in done:
-                inbound.result()
+            await reader
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if not reader.cancelled() or (this is not None and this.cancelling()):
+                raise  # this task itself is being cancelled, not just the reader
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._reader = None
 
     async def _inbound(self, client: aiomqtt.Client) -> None:
+        prefix = f"{self.config.device_id}/"
         async for message in client.messages:
             payload = message.payload
             if not isinstance(payload, bytes | bytearray) or len(payload) > MAX_MESSAGE_BYTES:
                 continue
             topic = message.topic.value
-            if topic not in (
-                self.topic_delta,
-                self.topic_get_accepted,
-                self.topic_update_rejected,
-                self.topic_get_rejected,
-            ):
+            suffix = topic[len(prefix) :] if topic.startswith(prefix) else None
+            if suffix not in (DELTA, GET_ACCEPTED, UPDATE_REJECTED, GET_REJECTED):
                 continue
             try:
                 document = json.loads(payload)
             except ValueError:
                 continue
-            if topic in (self.topic_update_rejected, self.topic_get_rejected):
-                self._on_rejected(document, client, resync=topic == self.topic_get_rejected)
+            if suffix in (UPDATE_REJECTED, GET_REJECTED):
+                self._on_rejected(document, client, resync=suffix == GET_REJECTED)
                 continue
-            await self.handle(document, resync=topic == self.topic_get_accepted)
+            await self.handle(document, resync=suffix == GET_ACCEPTED)
 
     def _on_rejected(self, document: Any, client: aiomqtt.Client, resync: bool) -> None:
         """A report or resync the platform could not take now (429 rate limit, 503 shadow
@@ -449,6 +559,8 @@ class Agent:
 
     async def _update(self, target: Target) -> None:
         self._last_percent = None
+        assert self._session is not None, "an update runs within run()"
+        downloader = self.downloader = self.new_downloader(self._session)
         try:
             await self._phase(target, Phase.DOWNLOADING)
             self.crash("accepted")
@@ -456,7 +568,7 @@ class Agent:
             async def progress(received: int, size: int) -> None:
                 await self._progress(target, received, size)
 
-            path, manifest = await self.downloader.obtain(target, self.state.floor, progress)
+            path, manifest = await downloader.obtain(target, self.state.floor, progress)
             self.crash("downloaded")
             await self._phase(target, Phase.VERIFYING)
             size = path.stat().st_size
@@ -484,7 +596,9 @@ class Agent:
                 self.files.clear_pending()
                 raise
             self.crash("switched")
-            self.reboot.set()
+            self.rebooting = True
+            if self._reader is not None:
+                self._reader.cancel()  # leave the connection; `run` returns True
         except asyncio.CancelledError:
             self._save(
                 replace(self.state, memory=replace(self.state.memory, busy=None), job_phase=None)
@@ -498,7 +612,8 @@ class Agent:
 
     async def _fail(self, target: Target, error: str) -> None:
         log.warning("update to %s failed: %s", target.version, error)
-        self.downloader.partial_path(target).unlink(missing_ok=True)
+        if self.downloader is not None:
+            self.downloader.partial_path(target).unlink(missing_ok=True)
         memory = replace(self.state.memory, busy=None, failed=target)
         self._save(
             replace(
@@ -506,3 +621,8 @@ class Agent:
             )
         )
         await self._report(firmware_report(Phase.FAILED, self.running, target, error=error))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -17,19 +17,12 @@ interrupted and returns the truth to report.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from device_agent.domain import Firmware, Memory, Phase, Target, raise_floor
-from device_agent.installer import Installer, read_json, write_json_atomic
-
-CrashPoint = Callable[[str], None]
-
-
-def no_crash(_step: str) -> None:
-    return None
+from device_agent.installer import CrashPoint, Installer, no_crash, read_json, write_json_atomic
 
 
 def _target_json(target: Target | None) -> dict[str, str] | None:

@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,15 @@ from device_agent.errors import InstallError
 
 SLOTS = ("a", "b")
 HOOK_TIMEOUT_SECONDS = 300.0
+
+# A test hook called with the name of each step of an update (`OTA_AGENT_CRASH_AT` makes it
+# SIGKILL the process at one). It lives here, the lowest module that calls it; everywhere else
+# it defaults to `no_crash`, one shared function, so it costs a device nothing.
+CrashPoint = Callable[[str], None]
+
+
+def no_crash(_step: str) -> None:
+    return None
 
 
 def fsync_dir(path: Path) -> None:
@@ -109,10 +118,15 @@ class FilesystemInstaller:
     """Slots as directories under `root/slots/`, the boot pointer as `root/boot` (a slot name)."""
 
     def __init__(
-        self, root: Path, factory: Firmware, health_command: Sequence[str] | None = None
+        self,
+        root: Path,
+        factory: Firmware,
+        health_command: Sequence[str] | None = None,
+        crash: CrashPoint = no_crash,
     ) -> None:
         self.root = root
         self.health_command = list(health_command) if health_command else None
+        self.crash = crash
         self._pointer = root / "boot"
         (root / "slots").mkdir(parents=True, exist_ok=True)
         if self._read_pointer() is None:
@@ -161,6 +175,8 @@ class FilesystemInstaller:
         staging.mkdir()
         try:
             os.replace(image, staging / "image")
+            # Staging half written (the image, no slot.json) and the slot not yet replaced.
+            self.crash("installing")
             self._write_slot_meta(staging, firmware, sha256)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
@@ -226,8 +242,9 @@ class HookInstaller(FilesystemInstaller):
         install_command: Sequence[str] | None = None,
         activate_command: Sequence[str] | None = None,
         health_command: Sequence[str] | None = None,
+        crash: CrashPoint = no_crash,
     ) -> None:
-        super().__init__(root, factory, health_command)
+        super().__init__(root, factory, health_command, crash)
         self.install_command = list(install_command) if install_command else None
         self.activate_command = list(activate_command) if activate_command else None
 

@@ -247,6 +247,9 @@ class SimAgent(Agent):
     def new_downloader(self, session: aiohttp.ClientSession) -> Downloader:
         return SimDownloader(self.config, session, self.device)
 
+    def on_connected(self) -> None:
+        self.device.on_connected()
+
 
 @dataclass(frozen=True)
 class DeviceOutcome:
@@ -263,8 +266,8 @@ class DeviceOutcome:
 
 
 class SimulatedDevice:
-    # Thousands of these live in one process: no per-instance dict, no task or event beyond
-    # the one `stop` the running agent watches.
+    # Thousands of these live in one process: no per-instance dict, no task or event of its
+    # own (the agent is switched off by `Agent.stop()`).
     __slots__ = (
         "agent",
         "boots",
@@ -276,7 +279,7 @@ class SimulatedDevice:
         "ignored",
         "installer",
         "powered",
-        "stop",
+        "ready",
         "went_offline",
     )
 
@@ -291,7 +294,8 @@ class SimulatedDevice:
         )
         self.files = MemoryStateFiles(config.factory_version)
         self.agent = SimAgent(config, self)
-        self.stop = asyncio.Event()  # the running agent's; set to switch it off
+        # Resolved when the agent is next connected (`FleetSimulator.start` waits on it).
+        self.ready: asyncio.Future[None] | None = None
         self.powered = True
         self.dropping = False
         self.went_offline = False
@@ -308,25 +312,30 @@ class SimulatedDevice:
         if isinstance(firmware, dict) and self.ignored is not None:
             self.ignored.append(dict(firmware))
 
+    def on_connected(self) -> None:
+        if self.ready is not None:
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self.ready = None
+
     def power_off(self) -> None:
         self.powered = False
-        self.stop.set()
+        self.agent.stop()
 
     def drop(self) -> None:
         """Go offline (the agent stops, as at a power cut between steps) for a while."""
         self.dropping = True
-        self.stop.set()
+        self.agent.stop()
 
     async def live(self, session: aiohttp.ClientSession) -> None:
         """Run the agent; "reboot" into a new one when it asks; come back after a drop."""
         while self.powered:
             self.boots += 1
-            rebooting = await self.agent.run(self.stop, session)
+            rebooting = await self.agent.run(session)
             if not self.powered:
                 return
             if self.dropping:
                 self.dropping = False
-                self.stop.clear()
                 await asyncio.sleep(self.faults.offline_seconds)
                 if not self.powered:
                     return
@@ -351,7 +360,7 @@ class SimulatedDevice:
             error,
             self.fault,
             self.boots,
-            self.agent.connected.is_set(),
+            self.agent.connected,
         )
 
 
@@ -428,8 +437,9 @@ class FleetSimulator:
         async def connect(device: SimulatedDevice) -> None:
             async with gate:
                 assert self._session is not None
+                ready = device.ready = asyncio.get_running_loop().create_future()
                 self._tasks.append(asyncio.create_task(device.live(self._session)))
-                await device.agent.connected.wait()
+                await ready
 
         await asyncio.wait_for(
             asyncio.gather(*(connect(d) for d in self.devices.values())), timeout

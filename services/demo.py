@@ -5,9 +5,9 @@ download plane, rollout service, Celery worker) in a temporary directory, on the
 default: amqtt, SQLite, a SQLite-file Celery broker, a local artifact directory. It registers
 50 devices and runs them in the fleet simulator (the real agent over in-memory A/B slots),
 uploads build 1.1.0 and rolls it out 10% -> 50% -> 100% with `otactl rollouts watch` live on
-screen, then uploads build 1.2.0, which fails its health check on every device: the canary
-stage aborts the rollout and rolls the canary back, and nobody else is touched. It prints a
-summary and stops everything it started.
+screen, then uploads build 1.2.0, which fails its health check on the devices of three of the
+five sites: the canary stage aborts the rollout and rolls the canary back, and nobody else is
+touched. It prints a summary and stops everything it started.
 
 The documented environment variables move it onto real services: `OTA_DATABASE_URL`
 (PostgreSQL), `OTA_MQTT_BROKER=mosquitto`, `OTA_CELERY_BROKER_URL` (Redis),

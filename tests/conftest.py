@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
 from protos.shadow.v1 import shadow_pb2_grpc
@@ -107,3 +108,16 @@ def shadow_server(shadow_service: ShadowService) -> Iterator[RunningShadow]:
     finally:
         channel.close()
         server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 as an HTTP server on a free loopback port, for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    try:
+        server.start()
+    except OSError as exc:
+        service_missing("moto S3 server", exc)
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -327,7 +327,9 @@ def parse_basic_auth(header: str | None) -> DeviceCredentials:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise UnauthenticatedError("malformed HTTP Basic credentials") from None
-    device_id, colon, password = decoded.partition(":")
+    # Split at the last colon: a device id may hold colons ([A-Za-z0-9_.:-]), the passwords
+    # RegisterDevice hands out never do (URL-safe base64).
+    device_id, colon, password = decoded.rpartition(":")
     if not colon or not DEVICE_ID_PATTERN.fullmatch(device_id):
         raise UnauthenticatedError("malformed HTTP Basic credentials")
     if not password or len(password) > MAX_PASSWORD_CHARS:

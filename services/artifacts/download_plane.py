@@ -16,6 +16,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from services.artifacts.errors import (
     ArtifactNotFoundError,
     BadRequestError,
     RangeNotSatisfiableError,
+    StorageError,
     TooManyDownloadsError,
     UnauthenticatedError,
 )
@@ -355,6 +357,17 @@ class DownloadPlane:
             except FileNotFoundError:
                 raise ArtifactNotFoundError("the artifact was deleted") from None
             try:
+                stored = os.fstat(file.fileno()).st_size
+                if stored != artifact.size:
+                    # Declaring the recorded length and sending fewer bytes would leave the
+                    # device waiting out its read timeout; say so at once instead.
+                    log.error(
+                        "stored blob of artifact %s is %d bytes, its record says %d",
+                        artifact.artifact_id,
+                        stored,
+                        artifact.size,
+                    )
+                    raise StorageError("the stored artifact is damaged; retry later")
                 response = await self._send(request, file, artifact.size, etag, byte_range)
             finally:
                 file.close()

@@ -28,7 +28,7 @@ from services.artifacts.servicer import ArtifactServicer
 from services.artifacts.settings import ArtifactSettings
 from services.artifacts.storage import LocalStorage, S3Config, S3Storage, Storage
 from services.artifacts.store import ArtifactStore
-from services.common import db
+from services.common import db, gc_tuning
 from services.common.auth import server_interceptors
 from services.common.grpc_server import add_health_and_reflection, bind, new_server
 from services.common.observability import (
@@ -157,6 +157,7 @@ def main() -> None:
     if command:
         raise SystemExit("usage: python -m services.artifacts [resign]")
     start_metrics_server()
+    gc_tuning.tune_for_service()
     asyncio.run(serve(settings))
 
 

@@ -4,8 +4,9 @@ Devices log in with the credentials `RegisterDevice` gave them (checked by the s
 `AuthenticateDevice`); service accounts (gateways, applications) with passwords whose `$7$`
 hashes are configured here. A device may use only topics under its own `<id>/`
 (`access.device_may_use`). amqtt keeps a session's password, so a device's right to a topic is
-re-checked against the shadow service at most every `recheck_seconds`: a deleted device loses
-its topics within that time (Mosquitto disconnects it at once).
+re-checked against the shadow service, in the background, once its answer is `recheck_seconds`
+old: a deleted device loses its topics within about that time plus one check (Mosquitto
+disconnects it at once).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class _DeviceCheck:
-    """Asks the shadow service whether a device's credentials hold, caching answers briefly."""
+    """Asks the shadow service whether a device's credentials hold, and keeps the answers.
+
+    Only a CONNECT (`fresh`) waits for the service. A publish or a delivery is checked
+    against the answer in hand; one older than `recheck_seconds` is asked again in the
+    background, and the new answer counts from the next message on (ADR 43). Waiting there
+    would stall that client's messages behind a call to the shadow service, and a device that
+    reconnected meanwhile could overtake its own older messages: a stale `downloading`
+    report landing after the device's `succeeded`."""
 
     def __init__(self, shadow_address: str, recheck_seconds: float, token: str | None) -> None:
         self.shadow_address = shadow_address
@@ -42,13 +50,27 @@ class _DeviceCheck:
         self._stub: shadow_pb2_grpc.ShadowServiceAsyncStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
+        self._rechecks: dict[tuple[str, str], asyncio.Task[bool | None]] = {}
 
     async def authenticated(self, device_id: str, password: str, fresh: bool = False) -> bool:
         key = (device_id, password)
         cached = self._answers.get(key)
-        now = time.monotonic()
-        if cached and not fresh and now - cached[1] < self.recheck_seconds:
-            return cached[0]
+        if fresh or cached is None or self._loop is not asyncio.get_running_loop():
+            return bool(await self._ask(key))
+        if time.monotonic() - cached[1] >= self.recheck_seconds and key not in self._rechecks:
+            task = asyncio.create_task(self._ask(key))
+            self._rechecks[key] = task
+            task.add_done_callback(lambda done: self._recheck_done(key, done))
+        return cached[0]
+
+    def _recheck_done(self, key: tuple[str, str], task: asyncio.Task[bool | None]) -> None:
+        if self._rechecks.get(key) is task:
+            del self._rechecks[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("re-checking device credentials failed", exc_info=task.exception())
+
+    async def _ask(self, key: tuple[str, str]) -> bool | None:
+        """The shadow service's answer, kept; None (and nothing kept) if it cannot answer."""
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
             # A gRPC aio channel belongs to the loop it was made in; a broker started again in
@@ -57,16 +79,18 @@ class _DeviceCheck:
             self._stub = shadow_pb2_grpc.ShadowServiceStub(channel)
             self._loop = loop
             self._answers.clear()
+            self._rechecks.clear()
+        asked = time.monotonic()
         try:
             reply = await self._stub.AuthenticateDevice(
-                pb.AuthenticateDeviceRequest(device_id=device_id, password=password), timeout=5
+                pb.AuthenticateDeviceRequest(device_id=key[0], password=key[1]), timeout=5
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot check device credentials: %s", exc.code().name)
-            return False
+            return None
         if len(self._answers) > 100_000:
             self._answers.clear()
-        self._answers[key] = (reply.authenticated, now)
+        self._answers[key] = (reply.authenticated, asked)
         return reply.authenticated
 
 

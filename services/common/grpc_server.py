@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import gc_tuning
+
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a 10,000-item batch is about 2 MiB
 
 
@@ -52,6 +54,7 @@ def bind(server: grpc.Server, address: str) -> int:
 
 def run_until_signalled(server: grpc.Server, grace_seconds: float = 5.0) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully."""
+    gc_tuning.tune_for_service()
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -166,7 +166,7 @@ GRPC_REQUEST_SECONDS = Histogram(
 SHADOW_UPDATES = Counter(
     "ota_shadow_updates_total",
     "Shadow updates applied or refused, by RPC and outcome (ok, not_found, version_conflict, "
-    "invalid, too_large, error).",
+    "invalid, too_large, rate_limited, deadline_exceeded, error).",
     ["rpc", "outcome"],
 )
 SHADOW_BATCH_ITEMS = Counter(

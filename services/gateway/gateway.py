@@ -1,15 +1,17 @@
-"""The gateway process: one long-lived MQTT connection bridging devices and the shadow service.
+"""The gateway process: two long-lived MQTT connections bridging devices and the shadow service.
 
-Two loops share the connection. The inbound loop takes every device's `<id>/state/update` and
-`<id>/state/get` (as a shared subscription, so several gateways split them) and answers them
-in batches: one `BatchUpdateShadow` call for the updates a burst brought, then `accepted` /
-`rejected` for each in arrival order, so one device's messages are answered in order. The
-outbox loop reads the delta / documents messages every accepted update left (whoever made it:
-a device, an operator, a rollout batch), publishes them pipelined at QoS 1, and acknowledges
-them only once the broker has them all.
+The inbound loop (on aiomqtt) takes every device's `<id>/state/update` and `<id>/state/get`
+(as a shared subscription, so several gateways split them) and answers them in batches: one
+`BatchUpdateShadow` call for the updates a burst brought, then `accepted` / `rejected` for each
+in arrival order, so one device's messages are answered in order. Its session is persistent
+(fixed client id, clean session off), so device messages sent while the gateway is down wait
+in the broker.
 
-The session is persistent (fixed client id, clean session off), so device messages sent while
-the gateway is down wait in the broker; reconnection is the explicit loop in `run`.
+The outbox loop reads the delta / documents messages every accepted update left (whoever made
+it: a device, an operator, a rollout batch), publishes them pipelined at QoS 1 on a second,
+lean connection of its own (`publisher.py`; client id `<client id>-outbox`, clean session), and
+acknowledges them only once the broker has them all. Reconnection of both is the explicit loop
+in `run`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from services.common.observability import (
     start_metrics_server,
 )
 from services.gateway import protocol
+from services.gateway.errors import BrokerConnectionError
 from services.gateway.protocol import Inbound, RateLimiter
+from services.gateway.publisher import OutboxPublisher, open_publisher
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -52,12 +56,14 @@ FALLBACK_CODES = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
-RPC_TIMEOUT = 10.0
 EVENT_WAIT_MS = 5000
-# Publishes in flight at once from the outbox: enough to pipeline, few enough that aiomqtt's
-# per-call bookkeeping (it scans its pending calls on every publish) stays cheap.
+# Device answers in flight at once on the aiomqtt connection: enough to pipeline, few enough
+# that aiomqtt's per-call bookkeeping (it scans its pending calls on every publish) stays cheap.
 PUBLISH_WINDOW = 500
 PUBLISH_TIMEOUT = 60.0
+# Outbox messages unacknowledged at once on the outbox connection (a PUBACK costs a set removal
+# there, so the window is as wide as a read's messages need, within MQTT's packet ids).
+OUTBOX_WINDOW = 4000
 # Device messages go to the shadow service in batches: up to MAX_BATCH per call, gathered for
 # BATCH_LINGER_SECONDS; reading from the broker pauses while MAX_PENDING wait.
 MAX_BATCH = 500
@@ -112,32 +118,37 @@ class Gateway:
         backoff = 0.5
         while not stop.is_set():
             try:
-                async with self._client() as client:
+                async with (
+                    self._client() as client,
+                    open_publisher(self.settings.mqtt, self.settings.client_id + "-outbox") as out,
+                ):
                     backoff = 0.5
                     log.info(
                         "connected to MQTT %s:%d", self.settings.mqtt.host, self.settings.mqtt.port
                     )
-                    await self._serve(client, stop)
-            except aiomqtt.MqttError as exc:
+                    await self._serve(client, out, stop)
+            except (aiomqtt.MqttError, BrokerConnectionError) as exc:
                 self.connected.clear()
                 log.warning("MQTT connection lost (%s); reconnecting in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 10.0)
 
-    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _serve(
+        self, client: aiomqtt.Client, outbox: OutboxPublisher, stop: asyncio.Event
+    ) -> None:
         for topic in protocol.subscriptions(self.settings.shared_group):
             await client.subscribe(topic, qos=1)
         self.connected.set()
         tasks = [
             asyncio.create_task(self._inbound(client)),
-            asyncio.create_task(self._publish_events(client)),
+            asyncio.create_task(self._publish_events(outbox)),
             asyncio.create_task(stop.wait()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()  # re-raise an MqttError so `run` reconnects
+                task.result()  # re-raise a connection error so `run` reconnects
         finally:
             self.connected.clear()
             for task in tasks:
@@ -236,8 +247,16 @@ class Gateway:
                 ]
             )
             try:
-                reply = await self.shadow.BatchUpdateShadow(request, timeout=RPC_TIMEOUT)
+                reply = await self.shadow.BatchUpdateShadow(
+                    request, timeout=self.settings.rpc_timeout_seconds
+                )
             except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "shadow service refused a batch of %d updates: %s %s",
+                    len(updates),
+                    exc.code().name,
+                    exc.details(),
+                )
                 for index, _ in updates:
                     reject(index, rejected_code(exc), exc.details() or exc.code().name)
             else:
@@ -268,7 +287,7 @@ class Gateway:
 
     async def _get(self, device_id: str, token: str | None) -> bytes:
         shadow = await self.shadow.GetShadow(
-            pb.GetShadowRequest(device_id=device_id), timeout=RPC_TIMEOUT
+            pb.GetShadowRequest(device_id=device_id), timeout=self.settings.rpc_timeout_seconds
         )
         if token is None:
             return shadow.document_json.encode()
@@ -278,7 +297,7 @@ class Gateway:
 
     # --- the outbox ---------------------------------------------------------------------------
 
-    async def _publish_events(self, client: aiomqtt.Client) -> None:
+    async def _publish_events(self, outbox: OutboxPublisher) -> None:
         """Publish the outbox, oldest first; acknowledge exactly what the broker has taken.
 
         Every read starts from the oldest unacknowledged event (not from a cursor): an update
@@ -295,18 +314,19 @@ class Gateway:
                         limit=settings.events_per_read,
                         wait_ms=EVENT_WAIT_MS,
                     ),
-                    timeout=EVENT_WAIT_MS / 1000 + RPC_TIMEOUT,
+                    timeout=EVENT_WAIT_MS / 1000 + settings.rpc_timeout_seconds,
                 )
                 if not reply.events:
                     continue
                 messages = [m for e in reply.events for m in messages_of(e)]
-                await self._publish_all(client, messages)
+                await outbox.publish(messages, OUTBOX_WINDOW, PUBLISH_TIMEOUT)
+                GATEWAY_PUBLISHES.inc(len(messages))
                 self.published_events += len(reply.events)
                 GATEWAY_MESSAGES.labels("out", "documents").inc(len(reply.events))
                 GATEWAY_MESSAGES.labels("out", "delta").inc(len(messages) - len(reply.events))
                 await self.shadow.AckEvents(
                     pb.AckEventsRequest(event_ids=[e.event_id for e in reply.events]),
-                    timeout=RPC_TIMEOUT,
+                    timeout=settings.rpc_timeout_seconds,
                 )
                 backoff = 0.2
             except grpc.aio.AioRpcError as exc:

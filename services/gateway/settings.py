@@ -27,6 +27,9 @@ class GatewaySettings:
     rate_burst: float = 20.0
     max_inflight_messages: int = 1000
     events_per_read: int = 2000
+    # How long a call to the shadow service may take; past it the batch's device messages are
+    # rejected with 503 (and the service commits none of them: ADR 42).
+    rpc_timeout_seconds: float = 10.0
     service_token: str | None = None  # sent to the shadow service (OTA_SERVICE_TOKEN)
 
     @classmethod
@@ -45,6 +48,7 @@ class GatewaySettings:
             max_payload_bytes=env_int(env, "OTA_GATEWAY_MAX_PAYLOAD_BYTES", 16384, 256, 1 << 20),
             rate_per_second=env_int(env, "OTA_GATEWAY_RATE_PER_SECOND", 20, 1, 10_000),
             rate_burst=env_int(env, "OTA_GATEWAY_RATE_BURST", 20, 1, 10_000),
+            rpc_timeout_seconds=env_int(env, "OTA_GATEWAY_RPC_TIMEOUT_SECONDS", 10, 1, 300),
             service_token=env_str(env, "OTA_SERVICE_TOKEN", "") or None,
         )
 

@@ -377,6 +377,15 @@ class RolloutService:
 
     # --- reads --------------------------------------------------------------------------------
 
+    def revision(self, rollout_id: str) -> int:
+        """The rollout's revision: every write moves it (ADR 36), so a watcher reads the rest
+        only when it moved."""
+        return self.store.get(rollout_id).revision
+
+    def holds_claims(self, rollout_id: str) -> bool:
+        """Whether the rollout still holds devices' claims (an aborted one releases them)."""
+        return self.store.claiming(rollout_id)
+
     def get(self, rollout_id: str) -> RolloutView:
         """The rollout and its counts, from one GROUP BY over its executions."""
         record = self.store.get(rollout_id)

@@ -319,13 +319,12 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         try:
             interval = watch_interval(request)
             rollout_id = request.rollout_id
-            store = self.service.store
             gone = threading.Event()
             context.add_callback(gone.set)  # the client went away or the deadline passed
             revision: int | None = None
             sent: pb.Rollout | None = None
             while context.is_active():
-                if store.get(rollout_id).revision != revision:
+                if self.service.revision(rollout_id) != revision:
                     view = self.service.get(rollout_id)
                     revision = view.record.revision
                     current = view_to_proto(view)
@@ -334,7 +333,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                         sent = current
                     aborted = view.record.rollout.state.status == RolloutStatus.ABORTED
                     # Releasing the claims is a write too: it moves the revision.
-                    if _settled(view, aborted and store.claiming(rollout_id)):
+                    if _settled(view, aborted and self.service.holds_claims(rollout_id)):
                         return
                 if gone.wait(interval):
                     return

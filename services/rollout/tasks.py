@@ -73,6 +73,7 @@ app = Celery("ota_rollout", set_as_current=False)
 app.conf.update(celery_config(RolloutSettings.from_env()))
 
 _service: RolloutService | None = None
+_settings: RolloutSettings | None = None
 _service_pid = 0
 _service_lock = threading.Lock()
 _tick_running = threading.Lock()
@@ -80,15 +81,20 @@ _tick_running = threading.Lock()
 
 def service() -> RolloutService:
     """This worker process's rollout service (built on first use; again after a fork)."""
-    global _service, _service_pid
+    return _process_state()[0]
+
+
+def _process_state() -> tuple[RolloutService, RolloutSettings]:
+    """The service and the settings it was built with, read once per process."""
+    global _service, _settings, _service_pid
     with _service_lock:
-        if _service is None or _service_pid != os.getpid():
+        if _service is None or _settings is None or _service_pid != os.getpid():
             from services.rollout.server import build_service
 
-            settings = RolloutSettings.from_env()
-            _service = build_service(settings, migrate=False, kick=kick)
+            _settings = RolloutSettings.from_env()
+            _service = build_service(_settings, migrate=False, kick=kick)
             _service_pid = os.getpid()
-        return _service
+        return _service, _settings
 
 
 def kick(rollout_id: str) -> None:
@@ -99,7 +105,7 @@ def kick(rollout_id: str) -> None:
 def enqueue_fan_out(rollouts: RolloutService) -> int:
     """Lease the unsent desired writes and queue one `send` task per chunk; returns the number
     of chunk tasks queued."""
-    settings = RolloutSettings.from_env()
+    settings = _process_state()[1]
     chunks = rollouts.lease_pending(float(settings.dispatch_lease_seconds))
     for device_ids in chunks:
         app.send_task(SEND, args=[device_ids])

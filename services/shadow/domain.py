@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
+from services.common.jsontext import may_hold_big_integer
 from services.shadow.errors import (
     DocumentTooLargeError,
     InvalidDeviceIdError,
@@ -205,7 +206,16 @@ def parse_json(raw: str | bytes, max_bytes: int, what: str = "document") -> Any:
     if len(data) > max_bytes:
         raise DocumentTooLargeError(f"{what} is {len(data)} bytes, the limit is {max_bytes}")
     try:
-        value = _DECODER.decode(data.decode())
+        # orjson is several times faster on the fan-out path; the standard library decides
+        # whatever orjson refuses (its verdict and messages are the reference) and text that
+        # may hold an integer beyond 64 bits, which orjson would turn into a float.
+        if may_hold_big_integer(data):
+            value = _DECODER.decode(data.decode())
+        else:
+            try:
+                value = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                value = _DECODER.decode(data.decode())
     except InvalidRequestError:
         raise
     except RecursionError:
@@ -247,7 +257,10 @@ def deeper_than(value: Any, limit: int) -> bool:
         return False
     if limit <= 0:
         return True
-    return any(deeper_than(child, limit - 1) for child in children)
+    for child in children:  # a loop, not any(generator): this runs for every batch item
+        if isinstance(child, (dict, list)) and deeper_than(child, limit - 1):
+            return True
+    return False
 
 
 def _check_section(name: str, patch: Any, limits: ShadowLimits) -> JsonObject | None:
@@ -411,7 +424,11 @@ def project_metadata(metadata: JsonObject, shape: JsonObject) -> JsonObject:
 
 def document_size(desired: JsonObject, reported: JsonObject) -> int:
     """UTF-8 bytes of the state document as stored: compact JSON of both sections."""
-    return len(dumps({"desired": desired, "reported": reported}).encode())
+    document = {"desired": desired, "reported": reported}
+    try:
+        return len(orjson.dumps(document))
+    except TypeError:  # an integer beyond 64 bits: `dumps` writes it with the standard library
+        return len(dumps(document).encode())
 
 
 def apply_update(
@@ -521,9 +538,16 @@ def shadow_document(state: ShadowState, now: float, client_token: str | None = N
     return doc
 
 
-def delta_message(state: ShadowState, now: float, client_token: str | None = None) -> JsonObject:
-    """The `<id>/state/update/delta` message: every differing desired field, with metadata."""
-    delta = compute_delta(state.desired, state.reported)
+def delta_message(
+    state: ShadowState,
+    now: float,
+    client_token: str | None = None,
+    delta: JsonObject | None = None,
+) -> JsonObject:
+    """The `<id>/state/update/delta` message: every differing desired field, with metadata.
+    `delta`, when the caller has it already, is `compute_delta` of the state's sections."""
+    if delta is None:
+        delta = compute_delta(state.desired, state.reported)
     message: JsonObject = {
         "version": state.version,
         "timestamp": int(now),

@@ -65,3 +65,11 @@ class BrokerUnavailableError(ShadowError):
     """The MQTT broker could not create or revoke the device's account; nothing changed."""
 
     code = 503
+
+
+class CallerGoneError(ShadowError):
+    """The caller's deadline passed before the write could commit: nothing was written
+    (ADR 42). A caller that gave up tells its own client "failed", so the write must not land
+    later, behind the writes that client sends next."""
+
+    code = 503

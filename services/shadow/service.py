@@ -1,6 +1,6 @@
 """The shadow service's use cases, free of any transport: validate, then store + rules.
 
-Every input is parsed and bounded before a transaction starts, so a rejected request changes
+Every input is parsed and bounded before anything is written, so a rejected request changes
 nothing. The gRPC servicer (and anything else that serves these use cases) only translates.
 """
 
@@ -18,6 +18,7 @@ from services.shadow import credentials, domain
 from services.shadow.domain import JsonObject, ShadowLimits, ShadowState, UpdateResult
 from services.shadow.errors import (
     BrokerUnavailableError,
+    CallerGoneError,
     DeviceNotFoundError,
     DocumentTooLargeError,
     InvalidRequestError,
@@ -233,11 +234,16 @@ class ShadowService:
                 reads.append(ShadowRead(device_id, "FOUND", domain.shadow_document(state, now)))
         return reads
 
-    def update_shadow(self, device_id: str, request_json: str | bytes) -> UpdateResult:
+    def update_shadow(
+        self, device_id: str, request_json: str | bytes, deadline: float | None = None
+    ) -> UpdateResult:
+        """`deadline` (here and in every write): the `time.monotonic()` after which the caller
+        has given up, so the write must not commit (`still_wanted`)."""
         domain.validate_device_id(device_id)
         request = domain.parse_update_request(request_json, self.limits)
 
         def change(state: ShadowState) -> tuple[ShadowWrite, UpdateResult]:
+            still_wanted(deadline)
             result = domain.apply_update(state, request, self.clock(), self.limits)
             return ShadowWrite(result.current, [announce(device_id, result)]), result
 
@@ -245,10 +251,13 @@ class ShadowService:
         self._notify_written()
         return result
 
-    def delete_shadow(self, device_id: str, expected_version: int | None) -> int:
+    def delete_shadow(
+        self, device_id: str, expected_version: int | None, deadline: float | None = None
+    ) -> int:
         domain.validate_device_id(device_id)
 
         def change(state: ShadowState) -> tuple[ShadowWrite, int]:
+            still_wanted(deadline)
             if not state.exists:
                 raise ShadowNotFoundError(f"device {device_id!r} has no shadow")
             return ShadowWrite(domain.delete_shadow(state, expected_version), []), state.version
@@ -256,7 +265,10 @@ class ShadowService:
         return self.store.modify_shadow(device_id, change)
 
     def batch_update_desired(
-        self, items: Sequence[DesiredItem], skip_unchanged: bool = False
+        self,
+        items: Sequence[DesiredItem],
+        skip_unchanged: bool = False,
+        deadline: float | None = None,
     ) -> list[ItemResult]:
         """Merge each item's desired patch into its device's shadow, all in one transaction.
 
@@ -266,44 +278,34 @@ class ShadowService:
         (`domain.apply_update`) and its result says `unchanged`.
         """
         self._check_batch_size(len(items))
-        entries: list[tuple[str, domain.UpdateRequest | ShadowError]] = []
-        for item in items:
-            try:
-                domain.validate_device_id(item.device_id)
-                patch = domain.parse_desired_patch(item.desired_json, self.limits)
-                token = domain.parse_client_token(item.client_token or None, self.limits)
-            except ShadowError as exc:
-                entries.append((item.device_id, exc))
-                continue
-            entries.append(
-                (
-                    item.device_id,
-                    domain.UpdateRequest({"desired": patch}, item.expected_version, token),
-                )
-            )
-        outcomes = self._apply_batch(entries, skip_unchanged)
+
+        def parse(index: int) -> domain.UpdateRequest:
+            item = items[index]
+            patch = domain.parse_desired_patch(item.desired_json, self.limits)
+            token = domain.parse_client_token(item.client_token or None, self.limits)
+            return domain.UpdateRequest({"desired": patch}, item.expected_version, token)
+
+        device_ids = [item.device_id for item in items]
+        outcomes = self._apply_batch(device_ids, parse, skip_unchanged, deadline)
         return [
             ItemResult(device_id, "OK", outcome.current.version, unchanged=outcome.unchanged)
             if isinstance(outcome, UpdateResult)
             else _failure(device_id, outcome)
-            for (device_id, _), outcome in zip(entries, outcomes, strict=True)
+            for device_id, outcome in zip(device_ids, outcomes, strict=True)
         ]
 
     def batch_update(
-        self, items: Sequence[tuple[str, str | bytes]]
+        self, items: Sequence[tuple[str, str | bytes]], deadline: float | None = None
     ) -> list[UpdateResult | ShadowError]:
         """Apply many whole update requests (device id, AWS update document) in one
         transaction: what the gateway sends for the device messages it collected. Each item
         gets its result or its own error; the others still apply, in order per device."""
         self._check_batch_size(len(items))
-        entries: list[tuple[str, domain.UpdateRequest | ShadowError]] = []
-        for device_id, request_json in items:
-            try:
-                domain.validate_device_id(device_id)
-                entries.append((device_id, domain.parse_update_request(request_json, self.limits)))
-            except ShadowError as exc:
-                entries.append((device_id, exc))
-        return self._apply_batch(entries)
+
+        def parse(index: int) -> domain.UpdateRequest:
+            return domain.parse_update_request(items[index][1], self.limits)
+
+        return self._apply_batch([device_id for device_id, _ in items], parse, deadline=deadline)
 
     def _check_batch_size(self, count: int) -> None:
         if count > self.max_batch_items:
@@ -313,22 +315,40 @@ class ShadowService:
 
     def _apply_batch(
         self,
-        entries: Sequence[tuple[str, domain.UpdateRequest | ShadowError]],
+        device_ids: Sequence[str],
+        parse: Callable[[int], domain.UpdateRequest],
         skip_unchanged: bool = False,
+        deadline: float | None = None,
     ) -> list[UpdateResult | ShadowError]:
-        outcomes: list[UpdateResult | ShadowError] = [
-            request if isinstance(request, ShadowError) else DeviceNotFoundError("")
-            for _, request in entries
-        ]
+        """Item i is `parse(i)` (a ShadowError refuses it) for device `device_ids[i]`. The
+        items are parsed while the store locks their rows, and announced while it writes
+        them (ADR 41); an item refused by parsing or by the rules changes nothing. Past
+        `deadline` (checked with the rows locked) the whole batch is refused: CallerGoneError."""
+        outcomes: list[UpdateResult | ShadowError] = [DeviceNotFoundError("")] * len(device_ids)
+        valid: list[int] = []
+        for index, device_id in enumerate(device_ids):
+            try:
+                domain.validate_device_id(device_id)
+            except ShadowError as exc:
+                outcomes[index] = exc
+                continue
+            valid.append(index)
         requests: dict[str, list[tuple[int, domain.UpdateRequest]]] = {}
-        for index, (device_id, request) in enumerate(entries):
-            if not isinstance(request, ShadowError):
-                requests.setdefault(device_id, []).append((index, request))
+        accepted: list[tuple[str, UpdateResult]] = []
         now = self.clock()
 
-        def change(device_id: str, state: ShadowState) -> ShadowWrite | None:
-            events = []
-            for index, request in requests[device_id]:
+        def prepare() -> None:
+            for index in valid:
+                try:
+                    request = parse(index)
+                except ShadowError as exc:
+                    outcomes[index] = exc
+                    continue
+                requests.setdefault(device_ids[index], []).append((index, request))
+
+        def change(device_id: str, state: ShadowState) -> ShadowState | None:
+            changed = False
+            for index, request in requests.get(device_id, ()):
                 try:
                     result = domain.apply_update(
                         state, request, now, self.limits, skip_unchanged=skip_unchanged
@@ -339,11 +359,17 @@ class ShadowService:
                 outcomes[index] = result
                 if result.unchanged:
                     continue
-                state = result.current
-                events.append(announce(device_id, result))
-            return ShadowWrite(state, events) if events else None
+                state, changed = result.current, True
+                accepted.append((device_id, result))
+            return state if changed else None
 
-        found = self.store.modify_shadows(requests, change)
+        def announce_accepted() -> list[OutboxEvent]:
+            still_wanted(deadline)
+            return [announce(device_id, result) for device_id, result in accepted]
+
+        found = self.store.modify_shadows(
+            [device_ids[i] for i in valid], change, announce_accepted, prepare
+        )
         self._notify_written()
         for device_id in requests.keys() - found:
             for index, _ in requests[device_id]:
@@ -385,10 +411,25 @@ class ShadowService:
             self._written.notify_all()
 
 
+def still_wanted(deadline: float | None) -> None:
+    """Raise CallerGoneError once `deadline` has passed. Writes call it with their rows
+    locked, just before they commit (ADR 42): a write that commits has then locked its rows
+    before its caller gave up, so whatever the caller sends after giving up (a device's next
+    report, say) waits for that write and lands after it, never before."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise CallerGoneError(
+            "the caller's deadline passed before the update could be committed; nothing was written"
+        )
+
+
 def announce(device_id: str, result: UpdateResult) -> OutboxEvent:
     """The outbox event of an accepted update: its delta message (if any) and documents."""
     delta = (
-        domain.dumps(domain.delta_message(result.current, result.timestamp, result.client_token))
+        domain.dumps(
+            domain.delta_message(
+                result.current, result.timestamp, result.client_token, result.delta
+            )
+        )
         if result.publish_delta
         else None
     )

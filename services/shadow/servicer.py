@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable
 from operator import attrgetter
@@ -18,6 +19,7 @@ from services.common.observability import SHADOW_BATCH_ITEMS, SHADOW_UPDATES
 from services.shadow import domain
 from services.shadow.errors import (
     BrokerUnavailableError,
+    CallerGoneError,
     DeviceExistsError,
     DeviceNotFoundError,
     DocumentTooLargeError,
@@ -40,6 +42,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     DocumentTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BrokerUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    CallerGoneError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 BATCH_STATUS = {
@@ -63,6 +66,7 @@ UPDATE_OUTCOMES: dict[type, str] = {
     DeviceNotFoundError: "not_found",
     DocumentTooLargeError: "too_large",
     RateLimitedError: "rate_limited",
+    CallerGoneError: "deadline_exceeded",
 }
 
 
@@ -93,6 +97,20 @@ def _trailers(exc: ShadowError) -> list[tuple[str, str]]:
 
 
 translate_errors = error_translator(ShadowError, STATUS_CODES, _trailers)
+
+
+COMMIT_MARGIN_SECONDS = 1.0
+
+
+def commit_deadline(context: grpc.ServicerContext) -> float | None:
+    """The `time.monotonic()` after which a write of this call must not commit (ADR 42): the
+    call's deadline less a margin (a quarter of the time left, at most one second), so a
+    write that still commits has locked its rows before its caller can have given up; None
+    when the caller set no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + remaining - min(COMMIT_MARGIN_SECONDS, remaining / 4)
 
 
 def device_to_proto(record: DeviceRecord) -> pb.Device:
@@ -176,7 +194,9 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         self, request: pb.UpdateShadowRequest, context: grpc.ServicerContext
     ) -> pb.UpdateShadowResponse:
         try:
-            result = self.service.update_shadow(request.device_id, request.request_json)
+            result = self.service.update_shadow(
+                request.device_id, request.request_json, commit_deadline(context)
+            )
         except ShadowError as exc:
             SHADOW_UPDATES.labels("UpdateShadow", update_outcome(type(exc))).inc()
             raise
@@ -195,7 +215,7 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         self, request: pb.DeleteShadowRequest, context: grpc.ServicerContext
     ) -> pb.DeleteShadowResponse:
         expected = request.expected_version if request.HasField("expected_version") else None
-        version = self.service.delete_shadow(request.device_id, expected)
+        version = self.service.delete_shadow(request.device_id, expected, commit_deadline(context))
         return pb.DeleteShadowResponse(version=version)
 
     @translate_errors
@@ -213,7 +233,9 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
             )
             for item in request.items
         ]
-        results = self.service.batch_update_desired(items, request.skip_unchanged)
+        results = self.service.batch_update_desired(
+            items, request.skip_unchanged, commit_deadline(context)
+        )
         statuses = Counter(map(attrgetter("status"), results))
         count_updates(
             "BatchUpdateDesired", len(items), ((k.lower(), n) for k, n in statuses.items())
@@ -236,7 +258,8 @@ class ShadowServicer(pb_grpc.ShadowServiceServicer):
         self, request: pb.BatchUpdateShadowRequest, context: grpc.ServicerContext
     ) -> pb.BatchUpdateShadowResponse:
         outcomes = self.service.batch_update(
-            [(item.device_id, item.request_json) for item in request.items]
+            [(item.device_id, item.request_json) for item in request.items],
+            commit_deadline(context),
         )
         kinds = Counter(map(type, outcomes))
         count_updates(

@@ -16,7 +16,9 @@ DEFAULT_DATABASE_URL = "sqlite:///.devstack/ota.db"
 class ShadowSettings:
     database_url: str = DEFAULT_DATABASE_URL
     listen: str = "127.0.0.1:50051"
-    workers: int = 16
+    # Few: busy threads in one GIL get less done the more there are (docs/performance.md);
+    # each gateway's outbox long poll (ReadEvents) holds one while it waits.
+    workers: int = 8
     db_pool_size: int = 10
     max_batch_items: int = 10_000
     limits: ShadowLimits = field(default_factory=ShadowLimits)

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 import grpc
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
 from protos.artifacts.v1 import artifacts_pb2 as apb
@@ -37,7 +36,7 @@ from services.artifacts.settings import ArtifactSettings
 from services.artifacts.storage import LocalStorage, S3Config, S3Storage, Storage
 from services.artifacts.store import ArtifactStore
 from services.common import db
-from tests.conftest import RunningShadow, service_missing
+from tests.conftest import RunningShadow
 
 T = TypeVar("T")
 MIB = 1024 * 1024
@@ -75,19 +74,6 @@ class LoopThread:
 
 
 # --- S3 on moto's standalone server -------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3 as an HTTP server on a free loopback port, for the whole session."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    try:
-        server.start()
-    except OSError as exc:
-        service_missing("moto S3 server", exc)
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from services.artifacts.settings import ArtifactSettings
 from services.artifacts.storage import LocalStorage
 from services.artifacts.store import ArtifactStore
 from services.common.auth import BearerAuthInterceptor, TokenTable, bearer_channel
-from tests.service.test_auth import TOKENS, code_of
+from tests.auth_helpers import code_of
+from tests.service.test_auth import TOKENS
 
 
 def test_the_artifact_service_checks_tokens_too(

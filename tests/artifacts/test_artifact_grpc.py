@@ -110,12 +110,60 @@ def test_a_declared_rollback_floor_is_stored_and_signed(stack: ArtifactStack) ->
 def test_a_large_upload_goes_up_in_parts(stack: ArtifactStack) -> None:
     # 12 MiB: with 5 MiB parts, S3 sees a three-part multipart upload; locally, one temp file.
     data = hashlib.sha256(b"seed").digest() * (12 * MIB // 32)
-    artifact = stack.upload(
-        data, chunk_bytes=3 * MIB + 17, size=len(data), sha256=hashlib.sha256(data).hexdigest()
-    )
+    parts_sent: list[tuple[int, int]] = []  # (part number, bytes) of each UploadPart call
+    part_etags: list[str] = []  # the server's answer to each UploadPart
+    # (key, parts listed) of each CompleteMultipartUpload call, and the ETag of each the server
+    # completed: the upload's, then the managed copy's to the final key (a multipart copy too).
+    completing: list[tuple[str, int]] = []
+    assembled: list[str] = []
+    events = None
+    hooks: list[tuple[str, Any, str]] = []
+    if isinstance(stack.storage, S3Storage):
+        # Hooks on the storage's own botocore client: the calls the service really made, and
+        # the S3 server's answers (an object assembled from N parts gets the ETag "<md5>-N").
+        events = stack.storage.client.meta.events
+
+        def sent(params: dict[str, Any], **_: Any) -> None:
+            parts_sent.append((params["PartNumber"], len(params["Body"])))
+
+        def stored(http_response: Any, parsed: dict[str, Any], **_: Any) -> None:
+            if http_response.status_code == 200:
+                part_etags.append(parsed["ETag"])
+
+        def complete(params: dict[str, Any], **_: Any) -> None:
+            completing.append((params["Key"], len(params["MultipartUpload"]["Parts"])))
+
+        def completed(http_response: Any, parsed: dict[str, Any], **_: Any) -> None:
+            if http_response.status_code == 200:
+                assembled.append(parsed["ETag"])
+
+        hooks = [
+            ("provide-client-params.s3.UploadPart", sent, "t-sent"),
+            ("after-call.s3.UploadPart", stored, "t-stored"),
+            ("provide-client-params.s3.CompleteMultipartUpload", complete, "t-complete"),
+            ("after-call.s3.CompleteMultipartUpload", completed, "t-completed"),
+        ]
+        for event, handler, name in hooks:
+            events.register(event, handler, unique_id=name)
+    try:
+        artifact = stack.upload(
+            data, chunk_bytes=3 * MIB + 17, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+    finally:
+        if events is not None:
+            for event, _, name in hooks:
+                events.unregister(event, unique_id=name)
     assert artifact.size == len(data)
     assert stored_bytes(stack.storage, artifact.sha256) == data
     assert stack.storage.leftovers() == []
+    if isinstance(stack.storage, S3Storage):
+        assert stack.storage.config.part_bytes == 5 * MIB
+        assert parts_sent == [(1, 5 * MIB), (2, 5 * MIB), (3, 2 * MIB)]
+        assert len(part_etags) == 3
+        assert len(completing) == len(assembled) >= 1
+        (key, listed), etag = completing[0], assembled[0]
+        assert "staging/" in key and listed == 3, completing
+        assert etag.strip('"').endswith("-3"), etag
 
 
 def test_a_declared_sha256_in_upper_case_is_accepted(stack: ArtifactStack) -> None:

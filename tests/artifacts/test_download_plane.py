@@ -332,6 +332,24 @@ def test_a_url_of_a_deleted_artifact(local_stack: ArtifactStack) -> None:
     assert_error(stack.get(url, device), 404, "artifact_not_found")
 
 
+def test_a_damaged_blob_is_refused_at_once_and_leaves_the_url_usable(
+    local_stack: ArtifactStack,
+) -> None:
+    stack = local_stack
+    artifact, device = targeted(stack)
+    url = stack.grant(device, artifact.artifact_id)["url"]
+    assert isinstance(stack.storage, LocalStorage)
+    blob = stack.storage.blob_path(artifact.sha256)
+    blob.write_bytes(DATA[: len(DATA) // 2])  # lost half of its bytes on disk
+    # Not the recorded length with fewer bytes behind it (the device would wait out its read
+    # timeout): a 503 the agent retries later, and the URL is not used up.
+    assert_error(stack.get(url, device), 503, "storage_unavailable")
+    assert_error(stack.get(url, device, range="bytes=0-9"), 503, "storage_unavailable")
+    blob.write_bytes(DATA)  # restored
+    download = stack.get(url, device)
+    assert download.status_code == 200 and download.content == DATA
+
+
 def test_the_store_keeps_no_secret(local_stack: ArtifactStack) -> None:
     stack = local_stack
     artifact, device = targeted(stack)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,11 @@ class Stack:
     endpoints: dict[str, Any]
 
 
-def _devstack(cwd: Path, command: str) -> None:
+def _devstack(cwd: Path, command: str, **env: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "services.devstack", command],
         cwd=cwd,
-        env=clean_env(OTA_MQTT_BROKER="embedded"),
+        env=clean_env(OTA_MQTT_BROKER="embedded", **env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,12 +73,28 @@ def _devstack(cwd: Path, command: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("otactl-stack")
-    _devstack(root, "up")
+@contextmanager
+def running_stack(root: Path, **env: str) -> Iterator[Stack]:
+    """`devstack up` in `root` with `env` added to its settings; `devstack down` on the way out."""
+    _devstack(root, "up", **env)
     try:
         endpoints = json.loads((root / ".devstack" / "endpoints.json").read_text())
         yield Stack(root, endpoints)
     finally:
-        _devstack(root, "down")
+        _devstack(root, "down", **env)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("otactl-stack")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def fast_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of its own whose rollout service reconciles every second instead of every five:
+    the rollout tests wait on reconcile passes, and their rollouts stay out of `stack`."""
+    with running_stack(
+        tmp_path_factory.mktemp("otactl-rollouts"), OTA_ROLLOUT_RECONCILE_SECONDS="1"
+    ) as started:
+        yield started

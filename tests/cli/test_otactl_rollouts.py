@@ -6,42 +6,16 @@ agent. Waits are for conditions, with generous bounds; nothing asserts on timing
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cli.conftest import Result, Stack, clean_env, ok, otactl
+from tests.cli.conftest import Result, Stack, ok, otactl
 
 WAIT = 120.0  # seconds: a bound for a broken test, not a performance expectation
-
-
-def _devstack(cwd: Path, command: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.devstack", command],
-        cwd=cwd,
-        # A reconcile pass every second instead of every five: the tests wait on passes.
-        env=clean_env(OTA_MQTT_BROKER="embedded", OTA_ROLLOUT_RECONCILE_SECONDS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def fast_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("otactl-rollouts")
-    _devstack(root, "up")
-    try:
-        endpoints = json.loads((root / ".devstack" / "endpoints.json").read_text())
-        yield Stack(root, endpoints)
-    finally:
-        _devstack(root, "down")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import boto3
-from moto.server import ThreadedMotoServer
 
-from tests.conftest import service_missing
 from tests.e2e.conftest import flush_redis_db, free_port, fresh_database
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
@@ -56,15 +54,9 @@ def test_make_demo_runs_both_rollouts_to_the_described_end(tmp_path: Path) -> No
 
 
 def test_make_demo_runs_on_the_real_services_when_the_environment_says_so(
-    tmp_path: Path,
+    tmp_path: Path, moto_endpoint: str
 ) -> None:
     """The documented variables: PostgreSQL, Mosquitto, Celery on Redis, S3 (moto's server)."""
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    try:
-        s3.start()
-    except OSError as exc:
-        service_missing("moto S3 server", exc)
-    host, port = s3.get_host_and_port()
     flush_redis_db(REDIS_URL)
     try:
         with fresh_database() as database_url:
@@ -76,7 +68,7 @@ def test_make_demo_runs_on_the_real_services_when_the_environment_says_so(
                 OTA_CELERY_BROKER_URL=REDIS_URL,
                 OTA_ARTIFACTS_STORAGE="s3",
                 OTA_S3_BUCKET="ota-demo",
-                OTA_S3_ENDPOINT_URL=f"http://{host}:{port}",
+                OTA_S3_ENDPOINT_URL=moto_endpoint,
                 OTA_S3_REGION="us-east-1",
                 OTA_S3_CREATE_BUCKET="true",
                 AWS_ACCESS_KEY_ID="demo",
@@ -86,7 +78,7 @@ def test_make_demo_runs_on_the_real_services_when_the_environment_says_so(
             assert_described_end(out, tmp_path, "mosquitto")
             bucket = boto3.client(
                 "s3",
-                endpoint_url=f"http://{host}:{port}",
+                endpoint_url=moto_endpoint,
                 region_name="us-east-1",
                 aws_access_key_id="demo",
                 aws_secret_access_key="demo",
@@ -94,4 +86,3 @@ def test_make_demo_runs_on_the_real_services_when_the_environment_says_so(
             assert bucket.get("KeyCount", 0) == 2  # the two builds' blobs are in S3
     finally:
         flush_redis_db(REDIS_URL)
-        s3.stop()

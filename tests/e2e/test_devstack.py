@@ -1,14 +1,20 @@
-"""`make up` as a user runs it: real processes, then the README's MQTT walk-through, then down."""
+"""`make up` as a user runs it: real processes, then the README's MQTT walk-through, then down.
+
+The walk-through's commands are read from README.md and run as written, with the real Mosquitto
+command-line clients, so the test fails when the README stops working.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -16,10 +22,10 @@ import pytest
 from protos.shadow.v1 import shadow_pb2 as pb
 from protos.shadow.v1 import shadow_pb2_grpc
 from services.common.auth import bearer_channel
-from services.common.mqtt import MqttEndpoint
-from tests.integration.conftest import Device
+from tests.conftest import service_missing
 
 REPO = Path(__file__).resolve().parents[2]
+WALKTHROUGH_SECTION = "## The local stack"
 
 
 def run(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -42,10 +48,39 @@ def alive(pid: int) -> bool:
         return False
 
 
+def readme_walkthrough() -> list[str]:
+    """The shell commands of the first `sh` block in the README's local-stack section: lines
+    joined at trailing backslashes, comment and blank lines dropped."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(WALKTHROUGH_SECTION) :]
+    block = section[section.index("```sh\n") + len("```sh\n") :]
+    block = block[: block.index("```")]
+    commands: list[str] = []
+    pending = ""
+    for line in block.splitlines():
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        command, pending = (pending + line).strip(), ""
+        if command and not command.startswith("#"):
+            commands.append(command)
+    return commands
+
+
+def payload(command: str) -> Any:
+    """The JSON message (`-m`) a mosquitto_* command sends."""
+    words = shlex.split(command)
+    return json.loads(words[words.index("-m") + 1])
+
+
 @pytest.fixture(params=["embedded", "mosquitto"])
 def devstack(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[Path, dict[str, str]]]:
+    if request.param == "mosquitto" and not (
+        shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
+    ):
+        service_missing("Mosquitto", FileNotFoundError("no mosquitto binary"))
     env = {"OTA_MQTT_BROKER": request.param}
     run(tmp_path, "services.devstack", "up", env=env)
     try:
@@ -81,26 +116,38 @@ def test_make_up_serves_the_readme_walkthrough_and_make_down_stops_it(
         viewer.RegisterDevice(pb.RegisterDeviceRequest(device_id="dev-x"), timeout=10)
     assert cast(grpc.Call, denied.value).code() == grpc.StatusCode.PERMISSION_DENIED
 
-    shell = run(root, "services.shadow.admin", "register", "dev-1", "site=berlin", "--shell")
-    values = dict(line.split("=", 1) for line in shell.split())
-    device = Device(
-        MqttEndpoint(
-            endpoints["mqtt"]["host"],
-            endpoints["mqtt"]["port"],
-            values["MQTT_USER"],
-            values["MQTT_PASS"].strip("'"),
-        ),
-        client_id="dev-1",
+    # The walk-through between `make up` (the fixture's `services.devstack up`, which is what
+    # the Makefile runs) and `make down`, as one shell script in a directory laid out like the
+    # repository: `.venv` there is the interpreter running this test.
+    commands = readme_walkthrough()
+    assert commands[0] == "make up" and commands[-1] == "make down", commands
+    for tool in sorted({c.split()[0] for c in commands if c.startswith("mosquitto_")}):
+        if shutil.which(tool) is None:
+            service_missing(f"{tool} (apt-get install mosquitto-clients)", FileNotFoundError(tool))
+    (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    walked = subprocess.run(
+        ["bash", "-c", "\n".join(["set -euo pipefail", *commands[1:-1]])],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    try:
-        assert device.wait_connected()
-        device.subscribe("dev-1/state/update/delta", "dev-1/state/update/accepted")
-        device.publish("dev-1/state/update", {"state": {"reported": {"firmware": {"v": "1"}}}})
-        assert device.expect("dev-1/state/update/accepted")["version"] == 1
-        run(root, "services.shadow.admin", "desired", "dev-1", '{"firmware": {"v": "2"}}')
-        assert device.expect("dev-1/state/update/delta")["state"] == {"firmware": {"v": "2"}}
-    finally:
-        device.close()
+    assert walked.returncode == 0, walked.stdout + walked.stderr
+    # The device's mosquitto_rr printed one delta: the application's desired firmware, which
+    # differs from the firmware the device reported.
+    (device,) = [c for c in commands if c.startswith("mosquitto_rr")]
+    (application,) = [c for c in commands if c.startswith("mosquitto_pub")]
+    assert "-i dev-1" in device and "-u ota-app" in application
+    reported = payload(device)["state"]["reported"]
+    desired = payload(application)["state"]["desired"]
+    assert reported != desired
+    printed = walked.stdout.splitlines()
+    assert len(printed) == 1, walked.stdout + walked.stderr
+    assert json.loads(printed[0])["state"] == desired, walked.stdout
+    shadow = viewer.GetShadow(pb.GetShadowRequest(device_id="dev-1"), timeout=10)
+    state = json.loads(shadow.document_json)["state"]
+    assert (state["reported"], state["desired"]) == (reported, desired)
 
     run(root, "services.devstack", "down", env=env)
     assert not any(alive(pid) for pid in pids)

@@ -12,6 +12,7 @@ waits, within a generous bound, for the rollout's end state.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +197,12 @@ def aborted_canary(fleet: Fleet) -> AbortedCanary:
         ),
         timeout=WAIT_SECONDS + 10,
     )
+    # The rollout takes a device's rollback target from its *reported* state (ADR 34), so wait
+    # until the shadows hold the final reports too: the simulator knows a device is done a
+    # little before its report lands (later still when the report is re-sent after a 503).
+    # Started earlier, a device the shadow still shows on the factory image has no rollback
+    # target, and the abort leaves it on 2.0.0-b.
+    wait_reported(fleet, ids)
 
     artifact = stack.upload(IMAGE, "2.0.0-b")
     stages = [
@@ -224,6 +231,28 @@ def aborted_canary(fleet: Fleet) -> AbortedCanary:
         stack.documents(ids),
         fleet.simulator.outcomes(),
     )
+
+
+def wait_reported(fleet: Fleet, ids: list[str]) -> None:
+    """Until every device's shadow reports, as settled, the firmware the simulator runs."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        outcomes = fleet.simulator.outcomes()
+        documents = fleet.stack.documents(ids)
+        lagging = {}
+        for device_id in ids:
+            reported = firmware_of(documents[device_id], "reported") or {}
+            running = outcomes[device_id].running
+            if (reported.get("version"), reported.get("url")) != (
+                running.version,
+                running.url,
+            ) or reported.get("state") not in ("succeeded", "failed"):
+                lagging[device_id] = reported
+        if not lagging:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"shadows never caught up with the devices: {lagging}")
+        time.sleep(0.2)
 
 
 def test_a_failing_canary_aborts_and_nobody_else_is_touched(

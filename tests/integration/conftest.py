@@ -8,6 +8,7 @@ broker on SQLite. Devices are real MQTT clients with their own credentials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from services.broker.dynsec import DynsecAccounts
 from services.broker.embedded import broker_config, run_broker
 from services.common import db
 from services.common.mqtt import MqttEndpoint
+from services.common.observability import server_metrics_interceptor
 from services.gateway.gateway import Gateway
 from services.gateway.settings import GatewaySettings
 from services.shadow.credentials import hash_password
@@ -45,6 +48,7 @@ from services.shadow.store import ShadowStore
 from tests.conftest import service_missing
 
 TIMEOUT = 15.0
+BROKERS = ["mosquitto", "amqtt"]
 
 
 def free_port() -> int:
@@ -81,12 +85,14 @@ class AsyncThread:
 class Device:
     """A device (or an application) on MQTT: a paho client that records what it receives."""
 
-    def __init__(self, endpoint: MqttEndpoint, client_id: str) -> None:
+    def __init__(self, endpoint: MqttEndpoint, client_id: str, clean_session: bool = True) -> None:
         self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.backlog: list[tuple[str, bytes]] = []
         self.connected = threading.Event()
         self.refused: int | None = None
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+        )
         self.client.username_pw_set(endpoint.username, endpoint.password)
         self.client.on_message = lambda _c, _u, m: self.received.put((m.topic, bytes(m.payload)))
         self.client.on_connect = self._on_connect
@@ -146,6 +152,16 @@ class Device:
 
 
 @dataclass
+class BrokerControl:
+    """Stops the stack's broker and starts it again on the same port, with the same accounts
+    (Mosquitto's dynamic-security file, amqtt's account table); sessions are kept only by a
+    Mosquitto built with persistence."""
+
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+
+@dataclass
 class Stack:
     broker: str
     mqtt_host: str
@@ -160,6 +176,7 @@ class Stack:
     gateway: Gateway | None = None
     _gateway_run: tuple[asyncio.Event, Any] | None = None
     devices: list[Device] = field(default_factory=list)
+    broker_control: BrokerControl | None = None
 
     def register(self, device_id: str, **tags: str) -> MqttEndpoint:
         reply = self.shadow.RegisterDevice(pb.RegisterDeviceRequest(device_id=device_id, tags=tags))
@@ -204,6 +221,14 @@ class Stack:
             self._gateway_run = None
             self.gateway = None
 
+    def stop_broker(self) -> None:
+        assert self.broker_control is not None, "this stack cannot restart its broker"
+        self.broker_control.stop()
+
+    def start_broker(self) -> None:
+        assert self.broker_control is not None, "this stack cannot restart its broker"
+        self.broker_control.start()
+
     def update_desired(self, patches: dict[str, Any]) -> None:
         items = [
             pb.DesiredPatch(device_id=d, desired_json=json.dumps(p)) for d, p in patches.items()
@@ -216,22 +241,39 @@ class Stack:
         return json.loads(reply.document_json)
 
 
-def _mosquitto_broker(tmp: Path, accounts: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+def _mosquitto_broker(
+    tmp: Path, accounts: dict[str, str], persistence: bool
+) -> tuple[subprocess.Popen[bytes], int]:
     if not shutil.which("mosquitto") and not os.path.exists("/usr/sbin/mosquitto"):
         service_missing("Mosquitto", FileNotFoundError("mosquitto"))
     port = free_port()
     admin = accounts.pop("ota-admin")
     conf = mosquitto.write_config(
-        tmp / "mosquitto", "127.0.0.1", port, ("ota-admin", admin), accounts, persistence=False
+        tmp / "mosquitto",
+        "127.0.0.1",
+        port,
+        ("ota-admin", admin),
+        accounts,
+        persistence=persistence,
     )
     process = mosquitto.start(conf)
     mosquitto.wait_listening("127.0.0.1", port)
     return process, port
 
 
-@pytest.fixture(params=["mosquitto", "amqtt"])
+@pytest.fixture(params=BROKERS)
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    kind = request.param
+    with build_stack(request, tmp_path, request.param) as built:
+        yield built
+
+
+@contextlib.contextmanager
+def build_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, *, persistence: bool = False
+) -> Iterator[Stack]:
+    """The stack on broker `kind` ("mosquitto" or "amqtt"). With `persistence`, Mosquitto saves
+    its sessions to disk as deployments run it, so they outlive a broker restart (amqtt keeps
+    sessions in memory only)."""
     passwords = {
         name: secrets.token_urlsafe(16) for name in ("ota-admin", "ota-gateway", "ota-app")
     }
@@ -239,13 +281,14 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     runner = AsyncThread()
     process: subprocess.Popen[bytes] | None = None
     accounts: DynsecAccounts | None = None
+    broker_run: tuple[asyncio.Event, Any] | None = None
 
     engine: Engine
     if kind == "mosquitto":
         engine = request.getfixturevalue("postgres_engine")
         with engine.begin() as conn:
             conn.execute(text("TRUNCATE devices, shadow_events"))
-        process, port = _mosquitto_broker(tmp_path, dict(hashes))
+        process, port = _mosquitto_broker(tmp_path, dict(hashes), persistence)
         accounts = DynsecAccounts(
             MqttEndpoint("127.0.0.1", port, "ota-admin", passwords["ota-admin"]),
             client_id=f"dynsec-{secrets.token_hex(3)}",
@@ -256,15 +299,35 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         port = free_port()
 
     service = ShadowService(ShadowStore(engine), broker_accounts=accounts)
-    server, shadow_port = create_server(ShadowSettings(listen="127.0.0.1:0"), service)
+    # Timed as in production (tests read ota_grpc_request_seconds to see a call finish).
+    server, shadow_port = create_server(
+        ShadowSettings(listen="127.0.0.1:0"), service, [server_metrics_interceptor()]
+    )
     server.start()
     shadow_address = f"127.0.0.1:{shadow_port}"
-    broker_run = None
-    if kind == "amqtt":
-        services = {k: v for k, v in hashes.items() if k != "ota-admin"}
-        config = broker_config("127.0.0.1", port, shadow_address, services)
-        broker_run = runner.start(lambda stop: run_broker(config, stop))
+
+    def start_broker() -> None:
+        nonlocal process, broker_run
+        if kind == "mosquitto":
+            process = mosquitto.start(tmp_path / "mosquitto" / "mosquitto.conf")
+        else:
+            services = {k: v for k, v in hashes.items() if k != "ota-admin"}
+            config = broker_config("127.0.0.1", port, shadow_address, services)
+            broker_run = runner.start(lambda stop: run_broker(config, stop))
         mosquitto.wait_listening("127.0.0.1", port)
+
+    def stop_broker() -> None:
+        nonlocal process, broker_run
+        if process is not None:
+            process.terminate()  # SIGTERM: Mosquitto saves its persistence file and exits
+            assert process.wait(TIMEOUT) == 0, "Mosquitto did not exit cleanly"
+            process = None
+        if broker_run is not None:
+            runner.stop(*broker_run)
+            broker_run = None
+
+    if kind == "amqtt":
+        start_broker()
 
     channel = grpc.insecure_channel(shadow_address)
     gateway_settings = GatewaySettings(
@@ -284,6 +347,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         gateway_endpoint=gateway_settings.mqtt,
         runner=runner,
         gateway_settings=gateway_settings,
+        broker_control=BrokerControl(stop=stop_broker, start=start_broker),
     )
     try:
         yield built
@@ -321,3 +385,13 @@ def gateway_subprocess(stack: Stack, log: Path) -> subprocess.Popen[bytes]:
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.05)
+    return True

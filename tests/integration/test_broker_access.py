@@ -15,7 +15,6 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 import paho.mqtt.client as paho
@@ -23,19 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from protos.shadow.v1 import shadow_pb2 as pb
 from services.common.mqtt import MqttEndpoint
-from tests.integration.conftest import Device, Stack
+from tests.integration.conftest import Device, Stack, wait_until
 
 WAIT = 15.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Poll `condition` until it holds or `timeout` passes; returns whether it held."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.05)
-    return True
 
 
 def raw_messages(device: Device, wait: float = 1.0) -> list[tuple[str, bytes]]:

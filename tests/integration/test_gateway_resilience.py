@@ -1,6 +1,7 @@
-"""The gateway under stress: a crash and restart loses nothing, hostile payloads break nothing.
+"""The gateway under stress: a crash and restart loses nothing, a shadow call that times out
+applies nothing, hostile payloads break nothing.
 
-Both tests run on both `stack` brokers. The restart test runs the gateway as users do
+Every test runs on both `stack` brokers. The restart test runs the gateway as users do
 (`python -m services.gateway`, a subprocess killed with SIGKILL); the fuzz test runs it in
 process with the rate limit out of the way.
 """
@@ -17,6 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY
+from sqlalchemy import select
+
+from services.shadow.schema import devices
 from tests.integration.conftest import TIMEOUT, Device, Stack, gateway_subprocess
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -109,6 +114,61 @@ def test_a_killed_gateway_loses_nothing_across_a_restart(stack: Stack, tmp_path:
         stop_process(first)
         stop_process(second)
         print(log.read_text(errors="replace") if log.exists() else "(no gateway log)")
+
+
+# --- a shadow call that times out -------------------------------------------------------------
+
+
+def finished_batches(code: str | None = None) -> float:
+    """BatchUpdateShadow calls the in-process shadow server has finished (with `code`)."""
+    total = 0.0
+    for metric in REGISTRY.collect():
+        if metric.name != "ota_grpc_request_seconds":
+            continue
+        for sample in metric.samples:
+            labels = sample.labels
+            if (
+                sample.name.endswith("_count")
+                and labels.get("method") == "BatchUpdateShadow"
+                and code in (None, labels.get("code"))
+            ):
+                total += sample.value
+    return total
+
+
+def test_an_update_the_gateway_gave_up_on_is_never_applied(stack: Stack) -> None:
+    """The gateway answers 503 when the shadow service does not answer in time. The service
+    must not commit that update later, behind the device's next report (ADR 42): a stale
+    report landing last once left a device that had finished its update `downloading`."""
+    stack.gateway_settings = dataclasses.replace(stack.gateway_settings, rpc_timeout_seconds=1.0)
+    stack.start_gateway()
+    device_id = "slow-1"
+    device = stack.device(device_id)
+    topic = f"{device_id}/state/update"
+    device.publish(topic, {"state": {"reported": {"step": "first"}}})
+    assert device.expect(f"{topic}/accepted")["version"] == 1
+
+    finished = finished_batches()
+    gave_up = finished_batches("DEADLINE_EXCEEDED")
+    # Another writer holds the device's row (PostgreSQL) or the database (SQLite) until the
+    # gateway has given up on the next report.
+    with stack.service.store.engine.begin() as conn:
+        conn.execute(
+            select(devices.c.version).where(devices.c.device_id == device_id).with_for_update()
+        )
+        device.publish(topic, {"state": {"reported": {"step": "stale"}}, "clientToken": "s"})
+        rejected = device.expect(f"{topic}/rejected")
+    assert (rejected["code"], rejected["clientToken"]) == (503, "s")
+
+    device.publish(topic, {"state": {"reported": {"step": "latest"}}, "clientToken": "l"})
+    assert device.expect(f"{topic}/accepted")["version"] == 2
+    deadline = time.monotonic() + TIMEOUT
+    while finished_batches() < finished + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has finished the stale call too, whatever it did
+    assert finished_batches() == finished + 2
+    assert finished_batches("DEADLINE_EXCEEDED") == gave_up + 1  # refused, not committed
+    document = stack.document(device_id)
+    assert (document["version"], document["state"]["reported"]) == (2, {"step": "latest"})
 
 
 # --- fuzz -------------------------------------------------------------------------------------

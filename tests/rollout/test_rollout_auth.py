@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,6 +22,7 @@ from services.rollout.settings import RolloutSettings
 from services.shadow import server as shadow_server
 from services.shadow.service import ShadowService
 from services.shadow.settings import ShadowSettings
+from tests.auth_helpers import code_of, token_table
 
 TOKENS: dict[str, tuple[str, Role]] = {
     "read-secret": ("viewer", "read"),
@@ -33,9 +33,7 @@ TOKENS: dict[str, tuple[str, Role]] = {
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> TokenTable:
-    path = tmp_path / "tokens.json"
-    TokenTable.write(path, TOKENS)
-    return TokenTable.load(path)
+    return token_table(tmp_path / "tokens.json", TOKENS)
 
 
 @pytest.fixture
@@ -60,14 +58,6 @@ def addresses(
     yield f"127.0.0.1:{shadow_port}", f"127.0.0.1:{port}"
     rollout.stop(None)
     shadow.stop(None)
-
-
-def code_of(call: Any, request: Any) -> grpc.StatusCode:
-    try:
-        call(request, timeout=10)
-    except grpc.RpcError as exc:
-        return cast(grpc.Call, exc).code()
-    return grpc.StatusCode.OK
 
 
 def test_settings_default_to_the_documented_port() -> None:

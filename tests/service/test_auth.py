@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ from services.common.auth import (
 from services.shadow.server import create_server
 from services.shadow.service import ShadowService
 from services.shadow.settings import ShadowSettings
+from tests.auth_helpers import code_of, token_table
 
 TOKENS: dict[str, tuple[str, Role]] = {
     "read-secret": ("viewer", "read"),
@@ -33,9 +33,9 @@ TOKENS: dict[str, tuple[str, Role]] = {
 @pytest.fixture
 def tokens(tmp_path: Path) -> TokenTable:
     path = tmp_path / "tokens.json"
-    TokenTable.write(path, TOKENS)
+    table = token_table(path, TOKENS)
     assert "secret" not in path.read_text()  # only digests are stored
-    return TokenTable.load(path)
+    return table
 
 
 @pytest.fixture
@@ -46,14 +46,6 @@ def shadow_address(shadow_service: ShadowService, tokens: TokenTable) -> Iterato
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
-
-
-def code_of(call: Any, request: Any) -> grpc.StatusCode:
-    try:
-        call(request, timeout=10)
-    except grpc.RpcError as exc:
-        return cast(grpc.Call, exc).code()
-    return grpc.StatusCode.OK
 
 
 def shadow_stub(address: str, token: str | None) -> shadow_pb2_grpc.ShadowServiceStub:

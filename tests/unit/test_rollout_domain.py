@@ -41,20 +41,15 @@ from services.rollout.errors import (
     InvalidStateError,
     InvalidTargetsError,
 )
+from tests.unit import rollout_builders
+from tests.unit.rollout_builders import NEW, OLD, report
 
-NEW = Firmware("2.0.0", "https://ota.example/v1/artifacts/fw-2")
-OLD = Firmware("1.0.0", "https://ota.example/v1/artifacts/fw-1")
+# The domain rules are read over a four-stage rollout.
+FOUR_STAGES = (Stage(percent=1), Stage(percent=10), Stage(percent=50), Stage(percent=100))
 
 
 def definition(**changes: Any) -> RolloutDefinition:
-    base = RolloutDefinition(
-        rollout_id="r-1",
-        artifact_id="fw-2",
-        firmware=NEW,
-        selector=TargetSelector(tags=(("model", "x1"),)),
-        stages=(Stage(percent=1), Stage(percent=10), Stage(percent=50), Stage(percent=100)),
-    )
-    return replace(base, **changes)
+    return rollout_builders.definition(**{"stages": FOUR_STAGES, **changes})
 
 
 def execution(status: ExecutionStatus = ExecutionStatus.QUEUED, **changes: Any) -> Execution:
@@ -69,12 +64,6 @@ def execution(status: ExecutionStatus = ExecutionStatus.QUEUED, **changes: Any) 
         updated_at=100.0,
     )
     return replace(base, **changes)
-
-
-def report(firmware: dict[str, Any]) -> FirmwareReport:
-    parsed = FirmwareReport.from_reported({"firmware": firmware})
-    assert parsed is not None
-    return parsed
 
 
 def progress(state: str, target: str = "2.0.0", running: str = "1.0.0") -> FirmwareReport:

@@ -18,15 +18,12 @@ from services.rollout.domain import (
     ExponentialRamp,
     FailureThreshold,
     Firmware,
-    FirmwareReport,
     Rate,
     RetryPolicy,
     Rollout,
-    RolloutDefinition,
     RolloutStatus,
     Stage,
     Target,
-    TargetSelector,
     abort,
     apply_report,
     approve_stage,
@@ -50,22 +47,9 @@ from services.rollout.planner import (
     rate_allowance,
     stratified_order,
 )
+from tests.unit.rollout_builders import NEW, OLD, definition, report
 
-NEW = Firmware("2.0.0", "https://ota.example/v1/artifacts/fw-2")
-OLD = Firmware("1.0.0", "https://ota.example/v1/artifacts/fw-1")
 SITES = ("berlin", "lyon", "oslo", "porto")
-
-
-def definition(**changes: Any) -> RolloutDefinition:
-    base = RolloutDefinition(
-        rollout_id="r-1",
-        artifact_id="fw-2",
-        firmware=NEW,
-        selector=TargetSelector(tags=(("model", "x1"),)),
-        stages=(Stage(percent=10), Stage(percent=100)),
-        timeout_seconds=600.0,
-    )
-    return replace(base, **changes)
 
 
 def fleet(n: int, sites: tuple[str, ...] = SITES, firmware: Firmware | None = OLD) -> list[Target]:
@@ -83,8 +67,7 @@ def notified(p: Plan) -> list[str]:
 
 
 def reported(p: Plan, device_ids: list[str], block: dict[str, Any], now: float) -> list[Execution]:
-    parsed = FirmwareReport.from_reported({"firmware": block})
-    assert parsed is not None
+    parsed = report(block)
     chosen = set(device_ids)
     return [apply_report(e, NEW, parsed, now) if e.device_id in chosen else e for e in p.executions]
 
@@ -94,8 +77,8 @@ def succeed(p: Plan, device_ids: list[str], now: float) -> list[Execution]:
 
 
 def fail(p: Plan, device_ids: list[str], now: float) -> list[Execution]:
-    report = {"version": "1.0.0", "state": "failed", "target": {"version": "2.0.0"}}
-    return reported(p, device_ids, report, now)
+    block = {"version": "1.0.0", "state": "failed", "target": {"version": "2.0.0"}}
+    return reported(p, device_ids, block, now)
 
 
 # --- sampling and sizes --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from services.rollout.domain import Execution, ExecutionStatus, Rollout
 from services.rollout.planner import progress, progress_from_counts
-from tests.unit.test_rollout_planner import definition
+from tests.unit.rollout_builders import definition
 
 executions = st.lists(
     st.tuples(st.sampled_from(list(ExecutionStatus)), st.booleans()),

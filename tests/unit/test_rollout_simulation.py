@@ -47,9 +47,9 @@ from services.rollout.planner import (
     plan,
     stratified_order,
 )
+from tests.unit import rollout_builders
+from tests.unit.rollout_builders import NEW, OLD
 
-NEW = Firmware("2.0.0", "https://ota.example/v1/artifacts/fw-2")
-OLD = Firmware("1.0.0", "https://ota.example/v1/artifacts/fw-1")
 TICK = 15.0
 HEALTHY, FAILING, REJECTING, SILENT, FLAKY = "healthy", "failing", "rejecting", "silent", "flaky"
 
@@ -236,14 +236,10 @@ def rollouts(draw: st.DrawFn) -> tuple[RolloutDefinition, dict[str, str], int]:
     if draw(st.booleans()):
         threshold = FailureThreshold(percent=draw(st.sampled_from((20.0, 50.0))), min_finished=3)
         stages = (replace(stages[0], failure_threshold=threshold), *stages[1:])
-    definition = RolloutDefinition(
+    definition = rollout_builders.definition(
         rollout_id=draw(st.sampled_from(("r-1", "night-42"))),
-        artifact_id="fw-2",
-        firmware=NEW,
-        selector=TargetSelector(tags=(("model", "x1"),)),
         stages=stages,
         rate=rate,
-        timeout_seconds=600.0,
         retries=RetryPolicy(
             failed=draw(st.integers(min_value=0, max_value=3)),
             timed_out=draw(st.integers(min_value=0, max_value=2)),
@@ -357,14 +353,11 @@ def test_devices_joining_mid_rollout_join_under_the_rate(
     def targets_at(now: float) -> Sequence[Target]:
         return all_targets if now >= join_at else all_targets[:initial]
 
-    definition = RolloutDefinition(
+    definition = rollout_builders.definition(
         rollout_id="r-join",
-        artifact_id="fw-2",
-        firmware=NEW,
         selector=TargetSelector(fleet_filter='tags.model == "x1"'),
         stages=(Stage(percent=100),),
         rate=Rate(max_per_minute=per_minute),
-        timeout_seconds=600.0,
     )
     trace = simulate(definition, targets_at, fake_fleet(dict.fromkeys(ids, HEALTHY)))
     times = [t for t, _ in notifies(trace)]
@@ -393,18 +386,14 @@ def test_a_bad_canary_aborts_and_rolls_back_only_the_canary(
 ) -> None:
     ids = [f"dev-{i:04d}" for i in range(count)]
     targets = targets_for(ids, sites)
-    definition = RolloutDefinition(
+    definition = rollout_builders.definition(
         rollout_id=rollout_id,
-        artifact_id="fw-2",
-        firmware=NEW,
-        selector=TargetSelector(tags=(("model", "x1"),)),
         stages=(
             Stage(percent=10, failure_threshold=FailureThreshold(percent=20, min_finished=5)),
             Stage(percent=50),
             Stage(percent=100),
         ),
         rate=Rate(max_per_minute=1000),
-        timeout_seconds=600.0,
         rollback_on_abort=True,
     )
     # 30% of installs fail, spread evenly over the order the rollout takes devices in

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.shadow import domain
 from services.shadow.domain import (
     JsonObject,
     ShadowLimits,
@@ -34,6 +35,7 @@ from services.shadow.domain import (
     parse_json,
     parse_update_request,
     rejected_message,
+    same_json,
     shadow_document,
     validate_device_id,
     validate_tags,
@@ -1136,3 +1138,72 @@ def test_prop_one_unstorable_character_anywhere_refuses_the_whole_document(
         parse_update_request(raw, LIMITS)
     with pytest.raises(InvalidRequestError, match=r"NUL|surrogate"):
         parse_desired_patch(json.dumps(patch), LIMITS)
+
+
+def reference_parse(raw: bytes) -> Any:
+    """parse_json's verdict with the standard library's decoder alone (as before orjson)."""
+    try:
+        value = domain._DECODER.decode(raw.decode())
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(str(exc)) from None
+    if domain._has_unstorable_text(value):
+        raise InvalidRequestError("unstorable")
+    return value
+
+
+ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+NEAR_JSON = st.one_of(
+    ANY_JSON.map(lambda v: json.dumps(v, ensure_ascii=False).encode()),
+    ANY_JSON.map(lambda v: json.dumps(v).encode()),
+    # Cut, spliced or hostile variants: the two decoders must refuse the same texts.
+    st.tuples(ANY_JSON, st.integers(0, 40), st.binary(max_size=3)).map(
+        lambda t: (lambda s: s[: t[1]] + t[2] + s[t[1] :])(json.dumps(t[0]).encode())
+    ),
+    st.sampled_from(
+        [
+            b"1e400",
+            b"[1.7976931348623159e308]",
+            b'"\\ud800"',
+            b'"\\u0000"',
+            b"NaN",
+            b"\xef\xbb\xbf{}",
+            b"[" * 1100 + b"]" * 1099,  # past orjson's depth limit, and not closed
+            b"[" * 300 + b"]" * 300,
+            b"12345678901234567890",
+            b"-9223372036854775809",
+            b'{"a":1,"a":2}',
+        ]
+    ),
+)
+
+
+@given(NEAR_JSON)
+def test_prop_the_fast_decoder_agrees_with_the_standard_library(raw: bytes) -> None:
+    try:
+        expected = reference_parse(raw)
+    except InvalidRequestError:
+        with pytest.raises(InvalidRequestError):
+            parse_json(raw, 1 << 20)
+        return
+    assert same_json(parse_json(raw, 1 << 20), expected)
+
+
+@given(st.lists(REQUESTS, min_size=1, max_size=5))
+def test_prop_an_update_results_delta_is_the_one_its_delta_message_carries(
+    requests: list[UpdateRequest],
+) -> None:
+    # The outbox passes UpdateResult.delta to delta_message instead of computing it again.
+    state = run(requests[:-1])
+    result = apply_update(state, requests[-1], 2000, LIMITS)
+    given_delta = delta_message(result.current, 2000, "t", result.delta)
+    assert given_delta == delta_message(result.current, 2000, "t")
