@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -63,6 +64,7 @@ from device_agent.installer import (
     no_crash,
     sha256_of,
 )
+from device_agent.report_ledger import ReportLedger
 
 log = logging.getLogger("device_agent")
 
@@ -73,13 +75,13 @@ RESEND_SECONDS = 1.0  # the pause before a re-send is 1-2x this
 MAX_ERROR_BODY_BYTES = 4096
 CHUNK_BYTES = 64 * 1024
 ProgressCallback = Callable[[int, int], Awaitable[None]]
-# The topics the agent subscribes to, under `<device id>/`; only the first four carry commands
-# or answers it acts on (`update/accepted` is subscribed to, as the protocol has it, and ignored).
+# The topics the agent subscribes to, under `<device id>/`.
 DELTA = "state/update/delta"
+UPDATE_ACCEPTED = "state/update/accepted"  # tells whether the shadow holds the latest report
 GET_ACCEPTED = "state/get/accepted"
 UPDATE_REJECTED = "state/update/rejected"
 GET_REJECTED = "state/get/rejected"
-SUBSCRIBED = (DELTA, "state/update/accepted", UPDATE_REJECTED, GET_ACCEPTED, GET_REJECTED)
+SUBSCRIBED = (DELTA, UPDATE_ACCEPTED, UPDATE_REJECTED, GET_ACCEPTED, GET_REJECTED)
 
 
 def make_installer(config: AgentConfig, crash: CrashPoint = no_crash) -> Installer:
@@ -339,6 +341,11 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._last_percent: int | None = None
         self._resend: asyncio.Task[None] | None = None
+        # Whether the shadow holds the latest report (ADR 44); a timer while it is unanswered.
+        self._ledger = ReportLedger(config.report_confirm_seconds)
+        self._confirm_timer: asyncio.TimerHandle | None = None
+        self._token_prefix = secrets.token_hex(3)  # this process's clientTokens
+        self._reports_sent = 0
         self._reader: asyncio.Task[None] | None = None  # while connected
         self._pause: asyncio.Future[None] | None = None  # while waiting to reconnect
 
@@ -359,9 +366,43 @@ class Agent:
         client = self.client
         if client is None:
             return  # reported in full on the next connect
-        payload = json.dumps({"state": {"reported": reported}})
-        with contextlib.suppress(aiomqtt.MqttError):
+        self._reports_sent += 1
+        token = f"{self._token_prefix}-{self._reports_sent}"
+        payload = json.dumps({"state": {"reported": reported}, "clientToken": token})
+        try:
             await client.publish(f"{self.config.device_id}/state/update", payload, qos=1)
+        except aiomqtt.MqttError:
+            return  # the connection is going: the next one reports in full
+        loop = asyncio.get_running_loop()
+        self._ledger.sent(token, loop.time())
+        if self._confirm_timer is None and self.client is client:
+            self._confirm_timer = loop.call_later(
+                self._ledger.current_wait(), self._check_answered, client
+            )
+
+    def _check_answered(self, client: aiomqtt.Client) -> None:
+        """The confirm timer: the latest report still unanswered after its wait is sent again
+        (the broker took it, but the shadow may never get it: ADR 44)."""
+        self._confirm_timer = None
+        if self.client is not client or self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._ledger.due_in(loop.time())
+        if due is None:
+            return
+        if due > 0:  # a newer report went out since the timer was set
+            self._confirm_timer = loop.call_later(due, self._check_answered, client)
+            return
+        if self._resend is not None and not self._resend.done():
+            return  # a re-send is on its way; its report sets the timer again
+        log.info("report unanswered for %.0f s; sending it again", self._ledger.current_wait())
+        self._ledger.resending_overdue()
+        self._resend = asyncio.create_task(self._report(self._truth()))
+
+    def _stop_confirming(self) -> None:
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
 
     def _save(self, state: AgentState) -> None:
         self.state = state
@@ -417,6 +458,7 @@ class Agent:
                 finally:
                     self.client = None
                     self.connected = False
+                    self._stop_confirming()
                 if self.stopping or self.rebooting:
                     break
                 await self._pause_unless_stopped(backoff + backoff * random.random())
@@ -446,6 +488,7 @@ class Agent:
         for suffix in SUBSCRIBED:
             await client.subscribe(f"{self.config.device_id}/{suffix}", qos=1)
         self.client = client
+        self._ledger = ReportLedger(self.config.report_confirm_seconds)  # waits start afresh
         await self._report(self._truth())
         await client.publish(f"{self.config.device_id}/state/get", "{}", qos=1)
         self.connected = True
@@ -470,22 +513,42 @@ class Agent:
                 continue
             topic = message.topic.value
             suffix = topic[len(prefix) :] if topic.startswith(prefix) else None
-            if suffix not in (DELTA, GET_ACCEPTED, UPDATE_REJECTED, GET_REJECTED):
+            if suffix not in SUBSCRIBED:
                 continue
             try:
                 document = json.loads(payload)
             except ValueError:
+                continue
+            if suffix == UPDATE_ACCEPTED:
+                await self._on_accepted(document)
                 continue
             if suffix in (UPDATE_REJECTED, GET_REJECTED):
                 self._on_rejected(document, client, resync=suffix == GET_REJECTED)
                 continue
             await self.handle(document, resync=suffix == GET_ACCEPTED)
 
+    async def _on_accepted(self, document: Any) -> None:
+        """An update of this shadow was written. When another report (an older one that
+        committed late, through another gateway) was written after the latest, send the truth
+        again (ADR 44)."""
+        if not isinstance(document, dict):
+            return
+        state = document.get("state")
+        reported = state.get("reported") if isinstance(state, dict) else None
+        wrote_firmware = isinstance(reported, dict) and "firmware" in reported
+        if self._ledger.on_accepted(
+            document.get("clientToken"), document.get("version"), wrote_firmware
+        ):
+            log.info("an older report was written after the latest; sending it again")
+            await self._report(self._truth())
+
     def _on_rejected(self, document: Any, client: aiomqtt.Client, resync: bool) -> None:
         """A report or resync the platform could not take now (429 rate limit, 503 shadow
         service busy or down) is sent again after a pause: what the device runs is the truth
         the shadow must end up with, and a lost final report would leave a rollout waiting.
         One re-send at a time; it sends the state as it is then (reports are whole)."""
+        if not resync and isinstance(document, dict):
+            self._ledger.on_rejected(document.get("clientToken"))
         code = document.get("code") if isinstance(document, dict) else None
         if code not in RETRYABLE_REJECTIONS or (self._resend and not self._resend.done()):
             return

@@ -35,6 +35,7 @@ class AgentConfig:
     activate_command: list[str] | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     keepalive: int = 30
+    report_confirm_seconds: float = 30.0  # a report unanswered this long is sent again
 
 
 def _require(data: dict[str, Any], name: str, kind: type) -> Any:
@@ -88,6 +89,13 @@ def parse_config(data: Any, base: Path = Path(".")) -> AgentConfig:
     max_bytes = int(data.get("max_download_bytes", 1 << 30))
     if max_bytes <= 0:
         raise ConfigError("max_download_bytes must be positive")
+    confirm = data.get("report_confirm_seconds", 30.0)
+    if (
+        not isinstance(confirm, int | float)
+        or isinstance(confirm, bool)
+        or not 1 <= confirm <= 3600
+    ):
+        raise ConfigError("report_confirm_seconds must be a number of seconds from 1 to 3600")
     return AgentConfig(
         device_id=_require(data, "device_id", str),
         password=_require(data, "password", str),
@@ -105,6 +113,7 @@ def parse_config(data: Any, base: Path = Path(".")) -> AgentConfig:
         activate_command=_command(data, "activate_command"),
         retry=policy,
         keepalive=int(data.get("keepalive", 30)),
+        report_confirm_seconds=float(confirm),
     )
 
 

@@ -446,15 +446,20 @@ def firmware_report(
     """The `reported` section: `firmware.version` and `url` are always what runs (so the delta
     stays until the target really runs); the rest describes the update in hand. Every key is
     present, None (JSON null, which deletes the leaf) where it does not apply, so no stale
-    `error` or `percent` survives from an earlier update."""
-    firmware: dict[str, Any] = {"version": running.version, "url": running.url}
-    if phase is not None:
-        firmware["state"] = phase.value
-        firmware["percent"] = percent if phase is Phase.DOWNLOADING else None
-        firmware["error"] = short_error(error) if error else None
-        firmware["target"] = (
-            {"version": target.version, "url": target.url} if target is not None else None
-        )
+    `state`, `error` or `percent` survives from an earlier report (a device that never updated
+    has no phase: all four are null)."""
+    firmware: dict[str, Any] = {
+        "version": running.version,
+        "url": running.url,
+        "state": phase.value if phase is not None else None,
+        "percent": percent if phase is Phase.DOWNLOADING else None,
+        "error": short_error(error) if error and phase is not None else None,
+        "target": (
+            {"version": target.version, "url": target.url}
+            if target is not None and phase is not None
+            else None
+        ),
+    }
     return {"firmware": firmware}
 
 

@@ -6,7 +6,10 @@ Each test runs on Mosquitto + PostgreSQL and on amqtt + SQLite (the `stack` fixt
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import os
+import secrets
 import time
 
 import pytest
@@ -225,6 +228,63 @@ def test_a_report_the_platform_could_not_take_is_sent_again(fleet: Fleet) -> Non
         time.sleep(0.1)
     assert shadow_version(fleet, "dev-resend") > before  # the report came again
     assert fleet.reported("dev-resend")["version"] == "1.0.0"
+
+
+def test_a_report_nobody_answered_is_sent_again(fleet: Fleet) -> None:
+    """A report the broker took but no gateway handled (it went to a gateway's session that
+    never came back: here the gateway is replaced by one with a new client id, as a redeployed
+    gateway has) gets no `accepted`: after `report_confirm_seconds` the agent sends it again,
+    and the new gateway writes it (ADR 44)."""
+    stack = fleet.stack
+    agent = fleet.agent("dev-unanswered", report_confirm_seconds=1)
+    agent.start()
+    fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    before = shadow_version(fleet, "dev-unanswered")
+    watcher = stack.connect(stack.gateway_endpoint)
+    assert watcher.wait_connected()
+    watcher.subscribe("dev-unanswered/state/update")
+    stack.stop_gateway()
+    stack.gateway_settings = dataclasses.replace(
+        stack.gateway_settings, client_id=f"ota-gateway-{secrets.token_hex(3)}"
+    )
+    # A report while no gateway serves: the agent re-sends one the "shadow" rejected as busy.
+    watcher.publish("dev-unanswered/state/update/rejected", {"code": 503, "message": "busy"})
+    lost = watcher.expect("dev-unanswered/state/update", timeout=30)
+    assert lost["state"]["reported"]["firmware"]["version"] == "1.0.0"
+    assert isinstance(lost["clientToken"], str)
+    stack.start_gateway()
+    deadline = time.monotonic() + 60
+    while shadow_version(fleet, "dev-unanswered") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shadow_version(fleet, "dev-unanswered") > before, agent.log_text()
+    assert fleet.reported("dev-unanswered")["version"] == "1.0.0"
+    assert "report unanswered" in agent.log_text()
+
+
+def test_an_older_report_written_after_the_latest_is_corrected(fleet: Fleet) -> None:
+    """With several gateways one device's reports can commit out of order: an older report
+    (here one from a previous run of the agent, written over gRPC) lands after the latest, and
+    its gateway publishes its `accepted`. The agent sees another firmware report written at a
+    higher version than its own latest and sends what it runs again (ADR 44)."""
+    stack = fleet.stack
+    agent = fleet.agent("dev-late")
+    agent.start()
+    truth = fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    late = {
+        "state": {"reported": {"firmware": {"state": "downloading", "version": "0.9.0"}}},
+        "clientToken": "0a1b2c-7",
+    }
+    written = stack.shadow.UpdateShadow(
+        spb.UpdateShadowRequest(device_id="dev-late", request_json=json.dumps(late))
+    )
+    assert fleet.reported("dev-late")["version"] == "0.9.0"  # the shadow now tells a stale tale
+    gateway = stack.connect(stack.gateway_endpoint)
+    assert gateway.wait_connected()
+    gateway.publish("dev-late/state/update/accepted", written.accepted_json.encode())
+    firmware = fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    assert firmware == truth
+    assert shadow_version(fleet, "dev-late") > written.version
+    assert "an older report was written after the latest" in agent.log_text()
 
 
 def shadow_version(fleet: Fleet, device_id: str) -> int:

@@ -369,6 +369,19 @@ def test_reports_tell_what_runs_and_clear_stale_fields() -> None:
     assert failed["firmware"]["percent"] is None
     assert len(failed["firmware"]["error"]) <= domain.MAX_ERROR_CHARS
     json.dumps(failed)
+    # A device that never updated clears every field of an update too (a stale report that
+    # landed late must not leave its `state` behind once the truth is sent again).
+    idle = domain.firmware_report(None, RUNNING, TARGET, percent=50, error="x")
+    assert idle == {
+        "firmware": {
+            "version": "1.0.0",
+            "url": None,
+            "state": None,
+            "percent": None,
+            "error": None,
+            "target": None,
+        }
+    }
 
 
 @given(st.lists(st.integers(0, 100), min_size=1).map(sorted))
