@@ -536,9 +536,12 @@ class Agent:
         state = document.get("state")
         reported = state.get("reported") if isinstance(state, dict) else None
         wrote_firmware = isinstance(reported, dict) and "firmware" in reported
-        if self._ledger.on_accepted(
+        overwritten = self._ledger.on_accepted(
             document.get("clientToken"), document.get("version"), wrote_firmware
-        ):
+        )
+        if self._ledger.answered:
+            self._stop_confirming()  # nothing to wait for (a connected fleet holds no timers)
+        if overwritten:
             log.info("an older report was written after the latest; sending it again")
             await self._report(self._truth())
 
@@ -549,6 +552,8 @@ class Agent:
         One re-send at a time; it sends the state as it is then (reports are whole)."""
         if not resync and isinstance(document, dict):
             self._ledger.on_rejected(document.get("clientToken"))
+            if self._ledger.answered:
+                self._stop_confirming()
         code = document.get("code") if isinstance(document, dict) else None
         if code not in RETRYABLE_REJECTIONS or (self._resend and not self._resend.done()):
             return
