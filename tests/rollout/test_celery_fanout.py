@@ -84,6 +84,9 @@ class Worker:
             for line in self.log.read_text(errors="replace").splitlines()
         )
 
+    def ready(self) -> bool:
+        return "ready." in self.log.read_text(errors="replace")
+
 
 @dataclass
 class Setup:
@@ -94,12 +97,12 @@ class Setup:
     tmp: Path
     workers: list[Worker]
 
-    def start_worker(self) -> Worker:
+    def start_worker(self, name: str = "ota-rollout", **env: str) -> Worker:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.rollout.worker", "--beat"],
+            [sys.executable, "-m", "services.rollout.worker", "--beat", "--name", name],
             cwd=self.tmp,
-            env=self.env,
+            env={**self.env, **env},
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -279,3 +282,39 @@ def test_a_worker_killed_mid_fan_out_loses_nothing_and_notifies_nobody_twice(
     notified = setup.notified()
     assert set(notified) == set(ids)  # nothing lost
     assert set(notified.values()) == {1}  # nothing doubled
+
+
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)
+def test_two_workers_with_a_beat_each_notify_every_device_once(setup: Setup) -> None:
+    """Scaled out: two worker processes on one Redis queue, each with its own beat (so ticks
+    come twice as often and lease the outbox concurrently), one thread each so that a busy one
+    leaves the next task to the other. Every device is notified exactly once and the rollout
+    completes."""
+    ids = setup.register(DEVICES)
+    workers = [
+        setup.start_worker(name, OTA_ROLLOUT_WORKER_CONCURRENCY="1")
+        for name in ("ota-rollout-a", "ota-rollout-b")
+    ]
+    wait_for("both workers ready", lambda: all(w.ready() for w in workers))
+    setup.create("celery-two")
+    wait_for("every device notified", lambda: len(setup.notified()) == DEVICES)
+    wait_for("the outbox drained", lambda: setup.pending_writes() == 0)
+    assert set(setup.notified()) == set(ids)
+    assert set(setup.notified().values()) == {1}  # once each, with two workers leasing
+    sends = sum(w.tasks_succeeded("ota.rollout.send") for w in workers)
+    assert 1 <= sends <= DEVICES // CHUNK + 2
+    done = json.dumps({"state": {"reported": {"firmware": {**vars(NEW), "state": "succeeded"}}}})
+    for device_id in ids:
+        setup.shadow.stub.UpdateShadow(
+            shadow_pb.UpdateShadowRequest(device_id=device_id, request_json=done)
+        )
+    wait_for("rollout completed", lambda: setup.status("celery-two") == RolloutStatus.COMPLETED)
+    # Both processes served the queue (ticks from two beats, chunks): neither was idle.
+    wait_for(
+        "both workers took tasks",
+        lambda: all(
+            w.tasks_succeeded("ota.rollout.tick") + w.tasks_succeeded("ota.rollout.send") > 0
+            for w in workers
+        ),
+    )
+    assert set(setup.notified().values()) == {1}
