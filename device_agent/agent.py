@@ -369,13 +369,13 @@ class Agent:
         self._reports_sent += 1
         token = f"{self._token_prefix}-{self._reports_sent}"
         payload = json.dumps({"state": {"reported": reported}, "clientToken": token})
+        loop = asyncio.get_running_loop()
+        self._ledger.sent(token, loop.time())  # before: its answer may follow the PUBACK at once
         try:
             await client.publish(f"{self.config.device_id}/state/update", payload, qos=1)
         except aiomqtt.MqttError:
             return  # the connection is going: the next one reports in full
-        loop = asyncio.get_running_loop()
-        self._ledger.sent(token, loop.time())
-        if self._confirm_timer is None and self.client is client:
+        if self._confirm_timer is None and self.client is client and not self._ledger.answered:
             self._confirm_timer = loop.call_later(
                 self._ledger.current_wait(), self._check_answered, client
             )
@@ -394,7 +394,9 @@ class Agent:
             self._confirm_timer = loop.call_later(due, self._check_answered, client)
             return
         if self._resend is not None and not self._resend.done():
-            return  # a re-send is on its way; its report sets the timer again
+            # A re-send is on its way (of a report, or of a resync): look again after it.
+            self._confirm_timer = loop.call_later(2 * RESEND_SECONDS, self._check_answered, client)
+            return
         log.info("report unanswered for %.0f s; sending it again", self._ledger.current_wait())
         self._ledger.resending_overdue()
         self._resend = asyncio.create_task(self._report(self._truth()))
