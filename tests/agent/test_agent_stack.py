@@ -287,6 +287,42 @@ def test_an_older_report_written_after_the_latest_is_corrected(fleet: Fleet) -> 
     assert "an older report was written after the latest" in agent.log_text()
 
 
+def test_malformed_accepted_messages_are_ignored(fleet: Fleet) -> None:
+    """`update/accepted` is outside input to the agent: payloads that are not JSON, not an
+    object, or carry a token or version of the wrong type trigger no re-send and break nothing;
+    the next real overwrite is still corrected."""
+    stack = fleet.stack
+    agent = fleet.agent("dev-junk")
+    agent.start()
+    truth = fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0")
+    before = shadow_version(fleet, "dev-junk")
+    gateway = stack.connect(stack.gateway_endpoint)
+    assert gateway.wait_connected()
+    junk: list[bytes | object] = [
+        b"{not json",
+        [1, 2],
+        "text",
+        {"state": "reported", "version": 10**6},
+        {"state": {"reported": {"firmware": {}}}, "version": "99", "clientToken": "x-1"},
+        {"state": {"reported": {"firmware": {}}}, "version": True, "clientToken": ["x"]},
+        {"state": {"reported": []}, "version": 10**6},
+    ]
+    for payload in junk:
+        gateway.publish("dev-junk/state/update/accepted", payload)
+    # A message the agent answers, after the junk: when its answer is in, the junk was read.
+    gateway.publish("dev-junk/state/update/rejected", {"code": 503, "message": "busy"})
+    fleet.wait_reported(agent, lambda fw: shadow_version(fleet, "dev-junk") > before)
+    assert agent.process is not None and agent.process.poll() is None
+    assert "an older report was written after the latest" not in agent.log_text()
+    assert "Traceback" not in agent.log_text()
+    late = {"state": {"reported": {"firmware": {"state": "downloading", "version": "0.9.0"}}}}
+    written = stack.shadow.UpdateShadow(
+        spb.UpdateShadowRequest(device_id="dev-junk", request_json=json.dumps(late))
+    )
+    gateway.publish("dev-junk/state/update/accepted", written.accepted_json.encode())
+    assert fleet.wait_reported(agent, lambda fw: fw.get("version") == "1.0.0") == truth
+
+
 def shadow_version(fleet: Fleet, device_id: str) -> int:
     reply = fleet.stack.shadow.GetShadow(spb.GetShadowRequest(device_id=device_id))
     return int(reply.version)
